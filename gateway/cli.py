@@ -1,0 +1,134 @@
+"""`radgate` command line: one entry point, one subcommand per job.
+
+Each subcommand's implementation is imported only when it runs, so `radgate --help`
+and the light commands (check-config, studies) start without loading PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from inference.errors import RadgateError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _lazy(target: str) -> Handler:
+    module_name, function_name = target.split(":")
+
+    def run(args: argparse.Namespace) -> int:
+        module = importlib.import_module(module_name)
+        handler: Handler = getattr(module, function_name)
+        return handler(args)
+
+    return run
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the chest/abdomen classifier (the seed notebook)")
+    p.add_argument("--data", type=Path, required=True, help="folder with train/ val/ test/")
+    p.add_argument("--out", type=Path, required=True, help="model directory to create")
+    p.add_argument("--arch", choices=["resnet18", "efficientnet_lite0"], default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--size", type=int, default=224, help="input size in pixels")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--weights", type=Path, default=None, help="ImageNet state dict to fine-tune")
+    p.add_argument("--cv", type=int, default=0, metavar="K", help="K-fold cross-validation")
+    p.add_argument("--external", type=Path, default=None, help="external evaluation set")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(handler=_lazy("training.train:command"))
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="print a trained model's evaluation")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--data", type=Path, default=None, help="re-score the test split of DIR")
+    p.set_defaults(handler=_lazy("training.evaluate:command"))
+
+
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="CAM / Grad-CAM overlays for images")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--method", choices=["cam", "gradcam"], default="gradcam")
+    p.add_argument("--block", type=int, default=-1, help="body block, -8..-1 as in the seed")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("images", type=Path, nargs="+")
+    p.set_defaults(handler=_lazy("inference.commands:explain"))
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="classify DICOM, PNG or JPEG files; JSON lines out")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--gradcam", type=Path, default=None, metavar="OUT_DIR")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("inputs", type=Path, nargs="+", metavar="FILE_OR_DIR")
+    p.set_defaults(handler=_lazy("inference.commands:predict"))
+
+
+def _add_samples(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("samples", help="wrap the sample PNGs as DICOM radiograph studies")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--variants", action="store_true", help="add the odd cases a gateway meets")
+    p.add_argument("--split", default="test", help="which split(s) to wrap: test, val, train, all")
+    p.set_defaults(handler=_lazy("inference.samples:command"))
+
+
+def _add_gateway_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the DICOM gateway")
+    p.add_argument("--config", type=Path, default=Path("config.yaml"))
+    p.set_defaults(handler=_lazy("gateway.service:command"))
+
+    p = sub.add_parser("check-config", help="validate a configuration file")
+    p.add_argument("config", type=Path)
+    p.set_defaults(handler=_lazy("gateway.config:command"))
+
+    p = sub.add_parser("studies", help="audit view of received studies")
+    p.add_argument("--config", type=Path, default=Path("config.yaml"))
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(handler=_lazy("gateway.audit:studies_command"))
+
+    p = sub.add_parser("show", help="everything recorded for one study")
+    p.add_argument("--config", type=Path, default=Path("config.yaml"))
+    p.add_argument("study_uid")
+    p.set_defaults(handler=_lazy("gateway.audit:show_command"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="radgate",
+        description="DICOM AI gateway: gate, classify, explain, record and route radiographs",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train, _add_evaluate, _add_explain, _add_predict, _add_samples):
+        add(sub)
+    _add_gateway_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args))
+    except RadgateError as error:
+        print(f"radgate {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
