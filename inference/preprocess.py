@@ -167,7 +167,9 @@ def _grid_resize(batch: torch.Tensor, size: int) -> torch.Tensor:
     shrink = min(batch.shape[-2] / size, batch.shape[-1] / size) / 2
     zoom = 1 / (coords.max() - coords.min()).item() * 2
     if shrink > 1 and shrink > zoom:
-        batch = F.interpolate(batch, scale_factor=1 / shrink, mode="area", recompute_scale_factor=True)
+        batch = F.interpolate(
+            batch, scale_factor=1 / shrink, mode="area", recompute_scale_factor=True
+        )
     return F.grid_sample(
         batch, coords, mode="bilinear", padding_mode="reflection", align_corners=True
     )
@@ -209,4 +211,3 @@ def crop_box(width: int, height: int, spec: PreprocessSpec) -> tuple[int, int, i
         side = int(max(width / spec.resize, height / spec.resize) * spec.resize)
     left, top = int(0.5 * (width - side)), int(0.5 * (height - side))
     return left, top, left + side, top + side
-

