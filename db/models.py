@@ -159,7 +159,8 @@ class Association(Base):
         _state_enum(AssociationOutcome, "association_outcome")
     )
     reason: Mapped[str | None] = mapped_column(Text)
-    # Every acknowledged C-STORE, duplicates included.
+    # Every acknowledged C-STORE, duplicates included; totalled when the association
+    # ends (association_studies holds the running counts).
     instances_received: Mapped[int] = mapped_column(default=0)
 
     studies: Mapped[list[AssociationStudy]] = relationship(

@@ -24,9 +24,20 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Table,
+    and_,
+    bindparam,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError, InvalidRequestError
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
@@ -209,12 +220,19 @@ def close_association(
     outcome = AssociationOutcome(outcome)
     moment = now or utcnow()
     with _transaction(session):
-        association = session.get(Association, association_id)
-        if association is None:
+        closed = session.execute(
+            update(Association)
+            .where(Association.id == association_id)
+            .values(
+                ended_at=moment,
+                outcome=outcome,
+                reason=reason,
+                instances_received=_instances_received(),
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if _rowcount(closed) != 1:
             raise LookupError(f"no association {association_id}")
-        association.ended_at = moment
-        association.outcome = outcome
-        association.reason = reason
         study_ids = list(
             session.scalars(
                 select(AssociationStudy.study_id).where(
@@ -247,7 +265,12 @@ def abort_open_associations(
         session.execute(
             update(Association)
             .where(Association.id.in_(open_ids))
-            .values(ended_at=moment, outcome=AssociationOutcome.ABORTED, reason=reason)
+            .values(
+                ended_at=moment,
+                outcome=AssociationOutcome.ABORTED,
+                reason=reason,
+                instances_received=_instances_received(),
+            )
         )
         delivered_to = select(AssociationStudy.study_id).where(
             AssociationStudy.association_id.in_(open_ids)
@@ -278,19 +301,45 @@ def record_instance(
         return _record_instance(session, received, now or utcnow())
 
 
+# The receive path's statements, built once: `record_instance` runs once per
+# C-STORE before the peer gets its response, so it uses Core statements with bound
+# parameters instead of the unit of work.
+_INSTANCES = cast(Table, Instance.__table__)
+_STUDIES = cast(Table, Study.__table__)
+_LINKS = cast(Table, AssociationStudy.__table__)
+_FIND_INSTANCE = select(
+    _INSTANCES.c.id, _INSTANCES.c.study_id, _INSTANCES.c.spool_path, _INSTANCES.c.sha256
+).where(_INSTANCES.c.sop_instance_uid == bindparam("sop_instance_uid"))
+_FIND_STUDY = (
+    select(_STUDIES.c.id, _STUDIES.c.last_received_at, _STUDIES.c.state)
+    .where(_STUDIES.c.study_uid == bindparam("study_uid"))
+    .with_for_update()
+)
+_INSERT_STUDY = insert(_STUDIES).returning(_STUDIES.c.id)
+_INSERT_INSTANCE = insert(_INSTANCES).returning(_INSTANCES.c.id)
+_COUNT_LINK = (
+    update(_LINKS)
+    .where(
+        _LINKS.c.association_id == bindparam("link_association_id"),
+        _LINKS.c.study_id == bindparam("link_study_id"),
+    )
+    .values(instances=_LINKS.c.instances + 1)
+)
+_INSERT_LINK = insert(_LINKS)
+# A new instance for a study in one of these states must be processed too.
+_REOPENED_BY_NEW_INSTANCE = (StudyState.READY, StudyState.PROCESSED, StudyState.FAILED)
+
+
 def _record_instance(
     session: Session, received: ReceivedInstance, moment: datetime
 ) -> RecordResult:
     with _transaction(session):
-        study = session.scalars(
-            select(Study).where(Study.study_uid == received.study_uid)
-        ).one_or_none()
-        existing = session.scalars(
-            select(Instance).where(Instance.sop_instance_uid == received.sop_instance_uid)
-        ).one_or_none()
-
+        connection = session.connection()
+        existing = connection.execute(
+            _FIND_INSTANCE, {"sop_instance_uid": received.sop_instance_uid}
+        ).first()
         if existing is not None:
-            _link_association(session, received.association_id, existing.study_id)
+            _link_association(connection, received.association_id, existing.study_id)
             return RecordResult(
                 duplicate=True,
                 instance_id=existing.id,
@@ -300,69 +349,81 @@ def _record_instance(
                 same_content=existing.sha256 == received.sha256,
             )
 
+        study = connection.execute(_FIND_STUDY, {"study_uid": received.study_uid}).first()
         if study is None:
-            study = Study(
-                study_uid=received.study_uid,
-                patient_id=received.patient_id,
-                patient_name=received.patient_name,
-                accession_number=received.accession_number,
-                study_date=received.study_date,
-                calling_aet=received.calling_aet,
-                first_received_at=moment,
-                last_received_at=moment,
-                state=StudyState.RECEIVING,
-            )
-            session.add(study)
-            session.flush()
+            study_id: int = connection.execute(
+                _INSERT_STUDY,
+                {
+                    "study_uid": received.study_uid,
+                    "patient_id": received.patient_id,
+                    "patient_name": received.patient_name,
+                    "accession_number": received.accession_number,
+                    "study_date": received.study_date,
+                    "calling_aet": received.calling_aet,
+                    "first_received_at": moment,
+                    "last_received_at": moment,
+                    "state": StudyState.RECEIVING,
+                },
+            ).scalar_one()
         else:
-            study.last_received_at = max(study.last_received_at, moment)
-            study.released_at = None
-            if study.state in (StudyState.READY, StudyState.PROCESSED, StudyState.FAILED):
-                study.state = StudyState.RECEIVING
-                study.error = None
+            study_id = study.id
+            changes: dict[str, Any] = {
+                "last_received_at": max(study.last_received_at, moment),
+                "released_at": None,
+            }
+            if study.state in _REOPENED_BY_NEW_INSTANCE:
+                changes.update(state=StudyState.RECEIVING, error=None)
+            connection.execute(update(_STUDIES).where(_STUDIES.c.id == study_id).values(changes))
 
-        instance = Instance(
-            study_id=study.id,
-            sop_instance_uid=received.sop_instance_uid,
-            sop_class_uid=received.sop_class_uid,
-            series_uid=received.series_uid,
-            modality=received.modality,
-            body_part=received.body_part,
-            transfer_syntax_uid=received.transfer_syntax_uid,
-            spool_path=received.spool_path,
-            sha256=received.sha256,
-            size_bytes=received.size_bytes,
-            calling_aet=received.calling_aet,
-            association_id=received.association_id,
-            received_at=moment,
-            state=InstanceState.RECEIVED,
-        )
-        session.add(instance)
-        session.flush()
-        _link_association(session, received.association_id, study.id)
+        instance_id: int = connection.execute(
+            _INSERT_INSTANCE,
+            {
+                "study_id": study_id,
+                "sop_instance_uid": received.sop_instance_uid,
+                "sop_class_uid": received.sop_class_uid,
+                "series_uid": received.series_uid,
+                "modality": received.modality,
+                "body_part": received.body_part,
+                "transfer_syntax_uid": received.transfer_syntax_uid,
+                "spool_path": received.spool_path,
+                "sha256": received.sha256,
+                "size_bytes": received.size_bytes,
+                "calling_aet": received.calling_aet,
+                "association_id": received.association_id,
+                "received_at": moment,
+                "state": InstanceState.RECEIVED,
+            },
+        ).scalar_one()
+        _link_association(connection, received.association_id, study_id)
         return RecordResult(
             duplicate=False,
-            instance_id=instance.id,
-            study_id=study.id,
-            spool_path=instance.spool_path,
-            sha256=instance.sha256,
+            instance_id=instance_id,
+            study_id=study_id,
+            spool_path=received.spool_path,
+            sha256=received.sha256,
         )
 
 
-def _link_association(session: Session, association_id: int | None, study_id: int) -> None:
+def _link_association(connection: Connection, association_id: int | None, study_id: int) -> None:
+    """Count the store against (association, study); `close_association` totals the counts."""
     if association_id is None:
         return
-    session.execute(
-        update(Association)
-        .where(Association.id == association_id)
-        .values(instances_received=Association.instances_received + 1)
+    counted = connection.execute(
+        _COUNT_LINK, {"link_association_id": association_id, "link_study_id": study_id}
     )
-    link = session.get(AssociationStudy, (association_id, study_id))
-    if link is None:
-        session.add(AssociationStudy(association_id=association_id, study_id=study_id, instances=1))
-    else:
-        link.instances += 1
-    session.flush()
+    if _rowcount(counted) == 0:
+        connection.execute(
+            _INSERT_LINK, {"association_id": association_id, "study_id": study_id, "instances": 1}
+        )
+
+
+def _instances_received() -> Any:
+    """SQL: the stores counted for an association (its `instances_received`)."""
+    return (
+        select(func.coalesce(func.sum(AssociationStudy.instances), 0))
+        .where(AssociationStudy.association_id == Association.id)
+        .scalar_subquery()
+    )
 
 
 def _readiness(now: datetime, quiet_period_s: float, unreleased_timeout_s: float | None) -> Any:

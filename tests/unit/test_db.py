@@ -257,6 +257,7 @@ def test_a_duplicate_instance_is_stored_once_and_reported(sessions: sessionmaker
     first = store(sessions, "1.1", 0, association_id)
     second = store(sessions, "1.1", 1, association_id, spool_path="cd/other.dcm")
     changed = store(sessions, "1.1", 2, association_id, sha256="f" * 64)
+    close(sessions, association_id, "released", 3)
 
     assert not first.duplicate
     assert second.duplicate and second.same_content
