@@ -1,0 +1,132 @@
+"""`radgate train` end to end: outputs, refusals, and the real recipe's accuracy and export parity."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gateway.cli import main
+from inference.artifact import CARD_FILE, WEIGHTS_FILE, sha256_file
+
+SEED_OUTPUTS = {
+    "lr_find.png",
+    "history.csv",
+    "losses.png",
+    "results.png",
+    "top_losses.png",
+    "confusion_matrix.png",
+    "evaluation.json",
+    CARD_FILE,
+    WEIGHTS_FILE,
+}
+
+
+def test_tiny_training_writes_every_seed_output(tiny_model: Path) -> None:
+    assert SEED_OUTPUTS <= {p.name for p in tiny_model.iterdir()}
+    for png in SEED_OUTPUTS:
+        if png.endswith(".png"):
+            assert (tiny_model / png).stat().st_size > 1000, png
+    card = json.loads((tiny_model / CARD_FILE).read_text())
+    for key in (
+        "arch",
+        "classes",
+        "input_size",
+        "normalize",
+        "preprocessing",
+        "weights_file",
+        "sha256",
+        "metrics",
+        "recipe",
+        "trained_at",
+        "versions",
+    ):
+        assert key in card, key
+    assert card["classes"] == ["abd", "chest"]
+    assert card["sha256"] == sha256_file(tiny_model / WEIGHTS_FILE)
+    assert card["recipe"]["seed"] == 42 and card["recipe"]["batch_size"] == 16
+    with (tiny_model / "history.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 1 and {"train_loss", "valid_loss", "accuracy"} <= set(rows[0])
+    evaluation = json.loads((tiny_model / "evaluation.json").read_text())
+    assert len(evaluation["valid"]) == 10 and len(evaluation["test"]) == 2
+    row = evaluation["test"][0]
+    assert {"file", "label", "prediction", "probability", "loss"} <= set(row)
+    assert card["metrics"]["export_parity_max_abs_diff"] < 1e-5
+
+
+def test_existing_output_folder_is_refused(
+    tmp_path: Path, sample_data_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "model"
+    out.mkdir()
+    assert main(["train", "--data", str(sample_data_dir), "--out", str(out)]) == 2
+    assert f"{out}: output folder exists" in capsys.readouterr().err
+
+
+def test_weights_of_the_wrong_architecture_leave_nothing_behind(
+    tmp_path: Path, sample_data_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    weights = tmp_path / "not-resnet.pth"
+    torch.save({"conv.weight": torch.zeros(3, 3)}, weights)
+    out = tmp_path / "model"
+    code = main(
+        [
+            "train",
+            "--data",
+            str(sample_data_dir),
+            "--out",
+            str(out),
+            "--weights",
+            str(weights),
+            "--epochs",
+            "1",
+            "--size",
+            "64",
+        ]
+    )
+    assert code == 2
+    assert "not a ResNet18 state dict" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [weights]
+
+
+def test_missing_data_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"radgate train: error: {tmp_path / 'none'}: data folder does not exist"]
+
+
+@pytest.mark.slow
+def test_real_recipe_is_accurate_and_export_matches_the_learner(
+    trained_model: Path, sample_data_dir: Path
+) -> None:
+    """The default recipe on the sample data; the served model equals the fastai Learner."""
+    from safetensors.torch import load_file
+
+    from inference.artifact import ModelCard
+    from training.data import ImageCache, scan_dataset
+    from training.train import Recipe, build_dataloaders, build_learner, score_items
+
+    card = ModelCard.read(trained_model)
+    assert card.raw["metrics"]["valid_accuracy"] >= 0.95
+
+    recipe_json = dict(card.raw["recipe"])
+    recipe_json["preprocessing"] = card.preprocessing
+    recipe_json["weights"] = None  # the trained weights replace any starting point
+    recipe = Recipe(**recipe_json)
+    dataset = scan_dataset(sample_data_dir)
+    cache = ImageCache(card.preprocessing)
+    dls = build_dataloaders(
+        dataset.split("train"), dataset.split("val"), dataset.classes, cache, recipe
+    )
+    learn = build_learner(dls, recipe)
+    learn.model.load_state_dict(load_file(str(trained_model / WEIGHTS_FILE)))
+    learner_probs, targets = learn.get_preds(dl=dls.valid)
+    served = score_items(trained_model, dataset.split("val"))
+    served_probs = np.array([[r["probabilities"][c] for c in card.classes] for r in served])
+    assert np.abs(served_probs - learner_probs.numpy()).max() < 1e-5
+    assert (learner_probs.argmax(1) == targets).float().mean() >= 0.95
