@@ -49,3 +49,27 @@ class ImageTooSmall(InvalidInput):
 class UnsupportedPhotometric(InvalidInput):
     def __init__(self, photometric: str) -> None:
         super().__init__(f"photometric interpretation {photometric} not monochrome or RGB")
+
+
+class MissingPixelAttribute(InvalidInput):
+    def __init__(self, keyword: str) -> None:
+        super().__init__(f"{keyword} missing", "required to decode the pixel data")
+
+
+class ImageTooLarge(InvalidInput):
+    def __init__(self, rows: int, columns: int, max_side: int, max_pixels: int) -> None:
+        super().__init__(
+            f"image {columns}x{rows} too large",
+            f"at most {max_side} pixels a side and {max_pixels} pixels in all",
+        )
+
+
+class UnsupportedBitsAllocated(InvalidInput):
+    def __init__(self, bits_allocated: int, supported: tuple[int, ...]) -> None:
+        expected = " or ".join(str(bits) for bits in supported)
+        super().__init__(f"BitsAllocated {bits_allocated} not supported", f"expected {expected}")
+
+
+class TruncatedPixelData(InvalidInput):
+    def __init__(self, actual_bytes: int, expected_bytes: int) -> None:
+        super().__init__("pixel data truncated", f"{actual_bytes} bytes, expected {expected_bytes}")
