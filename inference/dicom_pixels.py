@@ -364,7 +364,7 @@ def _check_complete(ds: Dataset, path: Path) -> None:
     """
     if len(ds) == 0:
         raise UndecodablePixels(f"{path}: no data set after the file meta information")
-    for element in ds._dict.values():
+    for element in ds.values():  # raw, as read: values() converts nothing
         if not isinstance(element, RawDataElement) or element.value is None:
             continue
         if element.length != UNDEFINED_LENGTH and len(element.value) < element.length:
