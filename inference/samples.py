@@ -129,7 +129,7 @@ VARIANTS: dict[str, Variant] = {
             "ct",
             "CT, not a radiograph",
             expected_gate="rejected",
-            expected_reasons=("modality CT not allowed",),
+            expected_reasons=("modality CT not in [CR, DX]",),
             exact_pixels=False,
         ),
     )
