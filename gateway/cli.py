@@ -57,9 +57,13 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--method", choices=["cam", "gradcam"], default="gradcam")
     p.add_argument("--block", type=int, default=-1, help="body block, -8..-1 as in the seed")
+    p.add_argument(
+        "--target", default=None, metavar="CLASS", help="class to explain (default: predicted)"
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", default="auto")
-    p.add_argument("images", type=Path, nargs="+")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="files or folders")
     p.set_defaults(handler=_lazy("inference.commands:explain"))
 
 
@@ -69,7 +73,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gradcam", type=Path, default=None, metavar="OUT_DIR")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("inputs", type=Path, nargs="+", metavar="FILE_OR_DIR")
+    p.add_argument("inputs", type=Path, nargs="+", metavar="FILE_OR_DIR", help="folders: recursive")
     p.set_defaults(handler=_lazy("inference.commands:predict"))
 
 
