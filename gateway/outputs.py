@@ -452,6 +452,9 @@ def tag_original(source: Dataset, result: InstanceResult) -> Dataset:
     _require(source, "SOPInstanceUID")
     transfer_syntax = _output_syntax(source)
     tagged = copy.deepcopy(source)
+    # pydicom 3.0's deepcopy keeps cached private blocks bound to the original dataset
+    # (pydicom issue #2294): a block looked up on the copy would write into `source`.
+    tagged._private_blocks = {}
     _add_result_block(tagged, result)
     meta = _radgate_file_meta(tagged, transfer_syntax)
     source_meta = getattr(source, "file_meta", None)
