@@ -211,7 +211,8 @@ def test_mismatch_without_label_is_refused() -> None:
 
 
 def test_numpy_probabilities_are_accepted() -> None:
-    result = InstanceResult(True, (), "abd", np.float32(0.25), None, MODEL, SHA)
+    # A numpy scalar, as a probability taken straight from a tensor often is.
+    result = InstanceResult(True, (), "abd", np.float32(0.25), None, MODEL, SHA)  # type: ignore[arg-type]
     assert block_contents(tag_original(radiograph(), result))[0x02] == ("DS", 0.25)
 
 
