@@ -201,15 +201,30 @@ class Pipeline:
                     "display": prepared_item.display,
                 }
 
-    def _write_outputs(self, study_uid: str, items: Sequence[InstanceWork]) -> list[dict[str, Any]]:
+    def _write_outputs(
+        self, study_uid: str, items: Sequence[InstanceWork]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+        """Write the derived objects; returns their records and the ones that failed.
+
+        A source whose attributes highdicom refuses (say a malformed PatientSex) loses that
+        one output, recorded as an error event; the study's other results still count.
+        """
         config = self.config.outputs
         written: list[dict[str, Any]] = []
-        model_key = self.weights_sha256
+        failures: list[dict[str, str]] = []
+
+        def attempt(kind: str, uid: str, make: Callable[[], dict[str, Any]]) -> None:
+            try:
+                written.append(make())
+            except (ValueError, TypeError, AttributeError, KeyError) as error:
+                log.warning("%s for %s not written: %s", kind, uid, error)
+                failures.append({"output": kind, "sop_instance_uid": uid, "error": str(error)})
+
         for item in items:
             if item.dataset is None:
                 continue
             if item.result is None:
-                reasons = item.gate.reasons if item.gate else ()
+                reasons = item.gate.reasons if item.gate else ("not processed",)
                 item.result = outputs.InstanceResult(
                     gate_passed=False,
                     reasons=tuple(reasons),
@@ -220,47 +235,58 @@ class Pipeline:
                     weights_sha256=None,
                 )
             if config.gradcam and item.prediction.get("heatmap") is not None:
-                written.append(self._gradcam_output(item, model_key))
+                attempt(
+                    "gradcam_sc",
+                    item.sop_instance_uid,
+                    lambda item=item: self._gradcam_output(item),
+                )
             if config.tag_originals:
-                tagged = outputs.tag_original(item.dataset, item.result)
-                path = _hashed_name(f"{item.sop_instance_uid}/tagged/{model_key}", ".dcm")
-                self._write(tagged, path)
-                written.append(
-                    {
-                        "instance_id": item.row_id,
-                        "kind": OutputKind.TAGGED_ORIGINAL,
-                        "sop_instance_uid": item.sop_instance_uid,
-                        "series_uid": str(tagged.SeriesInstanceUID),
-                        "sop_class_uid": str(tagged.SOPClassUID),
-                        "spool_path": path,
-                        "png_path": self._original_png(item),
-                    }
+                attempt(
+                    "tagged_original",
+                    item.sop_instance_uid,
+                    lambda item=item: self._tagged_output(item),
                 )
         reported = [item for item in items if item.dataset is not None and item.result is not None]
         if config.structured_report and reported:
-            key = "/".join(sorted(item.sop_instance_uid for item in reported))
-            series_uid = derived_uid(study_uid, "report-series", model_key)
-            sop_uid = derived_uid(study_uid, "report", key, model_key)
-            report = outputs.result_report(
-                [item.dataset for item in reported],  # type: ignore[misc]
-                [item.result for item in reported],  # type: ignore[misc]
-                series_instance_uid=series_uid,
-                sop_instance_uid=sop_uid,
-            )
-            path = _hashed_name(sop_uid, ".dcm")
-            self._write(report, path)
-            written.append(
-                {
-                    "instance_id": None,
-                    "kind": OutputKind.REPORT_SR,
-                    "sop_instance_uid": sop_uid,
-                    "series_uid": series_uid,
-                    "sop_class_uid": str(report.SOPClassUID),
-                    "spool_path": path,
-                    "png_path": None,
-                }
-            )
-        return written
+            attempt("report_sr", study_uid, lambda: self._report_output(study_uid, reported))
+        return written, failures
+
+    def _tagged_output(self, item: InstanceWork) -> dict[str, Any]:
+        assert item.dataset is not None and item.result is not None
+        tagged = outputs.tag_original(item.dataset, item.result)
+        path = _hashed_name(f"{item.sop_instance_uid}/tagged/{self.weights_sha256}", ".dcm")
+        self._write(tagged, path)
+        return {
+            "instance_id": item.row_id,
+            "kind": OutputKind.TAGGED_ORIGINAL,
+            "sop_instance_uid": item.sop_instance_uid,
+            "series_uid": str(tagged.SeriesInstanceUID),
+            "sop_class_uid": str(tagged.SOPClassUID),
+            "spool_path": path,
+            "png_path": self._original_png(item),
+        }
+
+    def _report_output(self, study_uid: str, reported: Sequence[InstanceWork]) -> dict[str, Any]:
+        key = "/".join(sorted(item.sop_instance_uid for item in reported))
+        series_uid = derived_uid(study_uid, "report-series", self.weights_sha256)
+        sop_uid = derived_uid(study_uid, "report", key, self.weights_sha256)
+        report = outputs.result_report(
+            [item.dataset for item in reported],  # type: ignore[misc]
+            [item.result for item in reported],  # type: ignore[misc]
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+        )
+        path = _hashed_name(sop_uid, ".dcm")
+        self._write(report, path)
+        return {
+            "instance_id": None,
+            "kind": OutputKind.REPORT_SR,
+            "sop_instance_uid": sop_uid,
+            "series_uid": series_uid,
+            "sop_class_uid": str(report.SOPClassUID),
+            "spool_path": path,
+            "png_path": None,
+        }
 
     def _write(self, dataset: Dataset, relative: str) -> None:
         target = self.spool_root / relative
@@ -275,7 +301,8 @@ class Pipeline:
         save_png(display, self.spool_root / path)
         return path
 
-    def _gradcam_output(self, item: InstanceWork, model_key: str) -> dict[str, Any]:
+    def _gradcam_output(self, item: InstanceWork) -> dict[str, Any]:
+        model_key = self.weights_sha256
         assert item.dataset is not None and item.result is not None
         display = item.prediction["display"]
         height, width = display.shape[:2]
@@ -319,6 +346,7 @@ class Pipeline:
         study_uid: str,
         items: Sequence[InstanceWork],
         written: Sequence[dict[str, Any]],
+        failures: Sequence[dict[str, str]] = (),
     ) -> None:
         now = datetime.now(UTC)
         with self.sessions() as session, session.begin():
@@ -369,6 +397,8 @@ class Pipeline:
                     detail["probability"] = round(item.prediction["top_probability"], 6)
                     detail["body_part_mismatch"] = item.prediction["body_part_mismatch"]
                 _audit(session, "decision", detail, study_uid, now)
+            for failure in failures:
+                _audit(session, "error", {"event": "output not written", **failure}, study_uid, now)
         with self.sessions() as session:
             state = finish_study(session, study_id, self.worker_id)
         log.info(
@@ -389,8 +419,8 @@ class Pipeline:
             self._read(item)
             self._gate(item)
         self._classify(items, started)
-        written = self._write_outputs(study_uid, items)
-        self._record(study_id, study_uid, items, written)
+        written, failures = self._write_outputs(study_uid, items)
+        self._record(study_id, study_uid, items, written, failures)
 
 
 def _audit(

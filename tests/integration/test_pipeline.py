@@ -188,3 +188,30 @@ def test_a_crash_before_the_commit_is_redone_once(
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(Prediction)) == 1
         assert session.scalar(select(func.count()).select_from(Output)) == 3  # SC, tagged, SR
+
+
+def test_an_output_highdicom_refuses_is_recorded_and_the_rest_kept(
+    tmp_path: Path, samples: Path, tiny_model: Path
+) -> None:
+    config = _config(tmp_path, tiny_model)
+    engine = make_engine(config.storage.database_url)
+    migrate(engine)
+    sessions = session_factory(engine)
+    source = sorted(samples.glob("*chest*plain*/*.dcm"))[0]
+    odd = pydicom.dcmread(source)
+    odd.PatientSex = "X"  # not M, F or O: highdicom refuses to copy it into an SC or SR
+    odd_path = tmp_path / "odd.dcm"
+    odd.save_as(odd_path)
+    _receive(config, sessions, [odd_path])
+
+    assert Pipeline(config, sessions, load_classifier(config)).process_ready() == 1
+    from db.models import AuditEvent
+
+    with sessions() as session:
+        study = session.scalars(select(Study)).one()
+        assert study.state == StudyState.PROCESSED
+        assert session.scalar(select(func.count()).select_from(Prediction)) == 1
+        kinds = {o.kind for o in session.scalars(select(Output))}
+        assert kinds == {OutputKind.TAGGED_ORIGINAL}
+        errors = session.scalars(select(AuditEvent).where(AuditEvent.kind == "error")).all()
+        assert {e.detail["output"] for e in errors} == {"gradcam_sc", "report_sr"}
