@@ -437,6 +437,12 @@ def train_model(
         evaluation["external"] = score_items(out, external)
     if extra_evaluation is not None:
         evaluation.update(extra_evaluation(out, cache))
+    stress: dict[str, Any] | None = None
+    if plots:  # the final model, not cross-validation folds
+        from training.stress import stress_evaluation
+
+        stress = stress_evaluation(out, dataset.split("val") + dataset.split("test"))
+        evaluation["stress"] = stress["rows"]
     served = np.array(
         [[r["probabilities"][c] for c in dataset.classes] for r in evaluation["valid"]]
     )
@@ -450,9 +456,10 @@ def train_model(
         "export_parity_max_abs_diff": parity,
         **(extra_metrics or {}),
     }
-    for key, rows in evaluation.items():
-        if key not in ("valid", "test", "external") and isinstance(rows, list):
-            metrics[f"{key}_accuracy"] = accuracy_of(rows)
+    if stress is not None:
+        metrics["stress_label_changes"] = stress["summary"]["label_changes"]
+        metrics["stress_max_true_class_shift"] = stress["summary"]["max_true_class_shift"]
+        metrics["stress_by_variant"] = stress["summary"]["by_variant"]
     card["metrics"] = metrics
     card = save_card_metrics(out, metrics)
     (out / "evaluation.json").write_text(
