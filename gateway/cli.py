@@ -38,6 +38,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--size", type=int, default=224, help="input size in pixels")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--preprocessing",
+        choices=["robust", "seed"],
+        default=None,
+        help="robust: percentile window + flat-border trim (default); seed: the notebook's",
+    )
     p.add_argument("--weights", type=Path, default=None, help="ImageNet state dict to fine-tune")
     p.add_argument("--cv", type=int, default=0, metavar="K", help="K-fold cross-validation")
     p.add_argument("--external", type=Path, default=None, help="external evaluation set")
@@ -105,6 +111,18 @@ def _add_gateway_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, default=Path("config.yaml"))
     p.add_argument("study_uid")
     p.set_defaults(handler=_lazy("gateway.audit:show_command"))
+
+    p = sub.add_parser("route", help="dry run: which routes match a stored study and why")
+    p.add_argument("--config", type=Path, default=Path("config.yaml"))
+    p.add_argument("study_uid")
+    p.set_defaults(handler=_lazy("gateway.routing:route_command"))
+
+    p = sub.add_parser("retry", help="requeue dead-lettered forward jobs")
+    p.add_argument("--config", type=Path, default=Path("config.yaml"))
+    p.add_argument("study_uid", nargs="?", default=None, help="requeue this study's dead jobs")
+    p.add_argument("--dead", action="store_true", help="requeue every dead-lettered job")
+    p.add_argument("--destination", default=None, metavar="NAME", help="only jobs to NAME")
+    p.set_defaults(handler=_lazy("gateway.forward:retry_command"))
 
 
 def build_parser() -> argparse.ArgumentParser:

