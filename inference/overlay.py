@@ -29,16 +29,22 @@ def colormap_table(name: str = COLORMAP) -> np.ndarray:
     return np.round(rgba[:, :3] * 255.0).astype(np.uint8)
 
 
+def colormap_indices(heatmap: np.ndarray) -> np.ndarray:
+    """A (H, W) map in [0, 1] to the nearest of the table's 256 entries (NaN counts as 0)."""
+    scaled = np.nan_to_num(np.asarray(heatmap, dtype=np.float32) * 255.0)
+    return np.rint(np.clip(scaled, 0.0, 255.0, out=scaled), out=scaled).astype(np.uint8)
+
+
 def colorize(heatmap: np.ndarray, name: str = COLORMAP) -> np.ndarray:
     """A (H, W) map in [0, 1] to (H, W, 3) uint8 colours."""
-    indices = np.round(np.clip(np.nan_to_num(heatmap), 0.0, 1.0) * 255.0).astype(np.uint8)
-    return colormap_table(name)[indices]
+    return colormap_table(name)[colormap_indices(heatmap)]
 
 
 def strip_height(width: int) -> int:
     return max(28, round(width * 0.09))
 
 
+@lru_cache(maxsize=64)
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
@@ -95,15 +101,24 @@ def render_overlay(
     image = np.asarray(display_rgb)
     if image.dtype != np.uint8 or image.ndim not in (2, 3):
         raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
-    grey = image.astype(np.float32) if image.ndim == 2 else image.astype(np.float32).mean(axis=2)
+    if image.ndim == 2:
+        grey = image.astype(np.float32)
+    else:  # channel by channel: much faster than a reduction over the last axis
+        grey = image[..., 0].astype(np.float32)
+        grey += image[..., 1]
+        grey += image[..., 2]
+        grey /= 3.0
     heat = np.asarray(heatmap, dtype=np.float32)
     if heat.shape != grey.shape:
         raise ValueError(f"heat map {heat.shape} does not match the image {grey.shape}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha {alpha} not in [0, 1]")
     # As matplotlib draws `imshow(heat, alpha=0.6, cmap='magma')` over a grey image.
-    blended = alpha * colorize(heat).astype(np.float32) + (1.0 - alpha) * grey[..., None]
-    picture = np.round(blended).clip(0, 255).astype(np.uint8)
+    colours = alpha * colormap_table().astype(np.float32)
+    grey *= 1.0 - alpha
+    blended = colours[colormap_indices(heat)]
+    blended += grey[..., None]
+    picture = np.rint(blended, out=blended).clip(0, 255).astype(np.uint8)
     strip = np.asarray(_legend(picture.shape[1], label, probability, title))
     return np.concatenate([picture, strip], axis=0)
 
