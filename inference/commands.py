@@ -11,9 +11,12 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import re
 import sys
+import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from inference.artifact import load_model
+from inference.classifier import Classifier, Prediction
 from inference.errors import InvalidInput, RadgateError
+from inference.gradcam import GradCamResult, body_and_head, cam, gradcam, upsample_to
+from inference.overlay import render_overlay, save_png
 from inference.preprocess import (
     RASTER_SUFFIXES,
     Prepared,
     PreprocessSpec,
-    crop_box,
     is_dicom_file,
     prepare,
 )
@@ -107,6 +113,38 @@ def batches(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
         yield items[start : start + size]
 
 
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def read_batches(
+    files: Sequence[Path],
+    spec: PreprocessSpec,
+    batch_size: int,
+    workers: int = 0,
+    prefetch: bool = True,
+) -> Iterator[list[ReadResult]]:
+    """`read_input` for each batch of files, in order, on a small thread pool.
+
+    Decoding and resizing are mostly single-threaded (PIL, numpy), so `workers` threads
+    (default: up to 4, one per core) read a batch in parallel. With `prefetch`, the next
+    batch is already being read while the caller runs the model on this one; at most two
+    batches are held in memory.
+    """
+    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+        pending: list[Future[ReadResult]] | None = None
+        for chunk in batches(files, batch_size):
+            submitted = [pool.submit(read_input, path, spec) for path in chunk]
+            if not prefetch:
+                yield [future.result() for future in submitted]
+                continue
+            if pending is not None:
+                yield [future.result() for future in pending]
+            pending = submitted
+        if pending is not None:
+            yield [future.result() for future in pending]
+
+
 class OverlayNames:
     """Output file names derived from the input path: readable stem + hash of the full path."""
 
@@ -138,9 +176,8 @@ def heat_maps(
     method: str,
     block: int = -1,
     targets: torch.Tensor | None = None,
-) -> Any:
-    """CAM or Grad-CAM for one batch of prepared tensors (a `GradCamResult`)."""
-    from inference.gradcam import cam, gradcam
+) -> GradCamResult:
+    """CAM or Grad-CAM for one batch of prepared tensors."""
 
     batch = torch.stack(list(tensors))
     if method == "cam":
@@ -157,12 +194,33 @@ def overlay_image(
     title: str,
 ) -> np.ndarray:
     """A feature-resolution map drawn over the original image, with its legend strip."""
-    from inference.gradcam import upsample_to
-    from inference.overlay import render_overlay
-
     height, width = prepared.display.shape[:2]
-    full = upsample_to(heatmap, crop_box(width, height, spec), (width, height))
+    full = upsample_to(heatmap, prepared.box, (width, height))
     return render_overlay(prepared.display, full, label, probability, title=title)
+
+
+def predict_with_gradcam(
+    classifier: Classifier, tensors: Sequence[torch.Tensor]
+) -> tuple[GradCamResult, list[Prediction]]:
+    """Predictions and the Grad-CAM map of each predicted class, from one forward + backward.
+
+    The probabilities come from the Grad-CAM pass itself (same model, eval mode), so the
+    map always explains exactly the label reported and the network runs once, not twice.
+    """
+    started = time.perf_counter()
+    maps = heat_maps(classifier.loaded.model, tensors, "gradcam")
+    per_image_ms = (time.perf_counter() - started) * 1000 / max(len(tensors), 1)
+    classes = classifier.classes
+    predictions = [
+        Prediction(
+            label=classes[int(target)],
+            probabilities={name: float(p) for name, p in zip(classes, row, strict=True)},
+            model_id=classifier.loaded.model_id,
+            inference_ms=per_image_ms,
+        )
+        for target, row in zip(maps.targets, maps.probabilities.tolist(), strict=True)
+    ]
+    return maps, predictions
 
 
 # --------------------------------------------------------------------------- predict
@@ -179,29 +237,29 @@ def _emit(record: dict[str, Any]) -> None:
 
 
 def predict(args: argparse.Namespace) -> int:
-    """`radgate predict`: JSON lines of predictions; exit 1 if any file failed."""
-    from inference.classifier import Classifier
-    from inference.overlay import save_png
+    """`radgate predict`: JSON lines of predictions; exit 1 if any file failed.
 
+    With `--gradcam`, each batch's predictions come from its Grad-CAM pass (see
+    `predict_with_gradcam`); without, from `Classifier.predict` under inference mode.
+    """
     batch_size = _check_batch_size(args.batch_size)
     files = collect_inputs(args.inputs)
     classifier = Classifier.from_dir(args.model, device=args.device, batch_size=batch_size)
     spec = classifier.loaded.card.preprocessing
-    classes = list(classifier.classes)
     names = None
     if args.gradcam is not None:
         args.gradcam.mkdir(parents=True, exist_ok=True)
         names = OverlayNames(args.gradcam, "gradcam")
     failed = 0
-    for chunk in batches(files, batch_size):
-        results = [read_input(path, spec) for path in chunk]
+    for results in read_batches(files, spec, batch_size):
         readable = _readable(results)
         tensors = [prepared.tensor for _, prepared in readable.values()]
-        predictions = classifier.predict(tensors) if tensors else []
-        maps = None
-        if names is not None and tensors:
-            targets = torch.tensor([classes.index(p.label) for p in predictions])
-            maps = heat_maps(classifier.loaded.model, tensors, "gradcam", targets=targets)
+        maps: GradCamResult | None = None
+        predictions: list[Prediction] = []
+        if tensors and names is not None:
+            maps, predictions = predict_with_gradcam(classifier, tensors)
+        elif tensors:
+            predictions = classifier.predict(tensors)
         for position, result in enumerate(results):
             record: dict[str, Any] = {"file": str(result.path)}
             if position not in readable:
@@ -235,8 +293,6 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def _block_for(model: torch.nn.Sequential, arch: str, method: str, block: int) -> int:
-    from inference.gradcam import body_and_head
-
     blocks = len(body_and_head(model)[0])
     if not -blocks <= block <= -1:
         raise RadgateError(
@@ -261,9 +317,6 @@ def _target_index(classes: Sequence[str], target: str | None) -> int | None:
 
 def explain(args: argparse.Namespace) -> int:
     """`radgate explain`: one CAM or Grad-CAM overlay PNG per image in `--out`."""
-    from inference.artifact import load_model
-    from inference.overlay import save_png
-
     batch_size = _check_batch_size(args.batch_size)
     loaded = load_model(args.model, device=args.device)
     model, card = loaded.model, loaded.card
@@ -277,8 +330,7 @@ def explain(args: argparse.Namespace) -> int:
     suffix = args.method if args.method == "cam" else f"gradcam.block{block}"
     names = OverlayNames(args.out, suffix)
     failed = 0
-    for chunk in batches(files, batch_size):
-        results = [read_input(path, card.preprocessing) for path in chunk]
+    for results in read_batches(files, card.preprocessing, batch_size):
         for result in results:
             if result.error is not None:
                 failed += 1

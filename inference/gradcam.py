@@ -235,10 +235,11 @@ def upsample_to(
 ) -> np.ndarray:
     """A (h, w) map onto the original image: float32 (height, width) in [0, 1].
 
-    `box` is `preprocess.crop_box(width, height, spec)`, the square of the original the
-    network saw; the map covers that square. It is resized to the square (bilinear) and
-    placed at the square's position; outside the square the map is 0. With the pad method
-    the square is larger than the image, and only the part inside the image is kept.
+    `box` (left, top, right, bottom) is the square of the original the network saw:
+    `Prepared.box`, or `preprocess.crop_box(width, height, spec)` for an image without
+    trimmed borders. The map covers that square, so it is resized to the square (bilinear)
+    and placed at its position; outside the square the map is 0. Where the square overhangs
+    the image (the pad method) only the part inside the image is kept.
     """
     width, height = size
     left, top, right, bottom = box
