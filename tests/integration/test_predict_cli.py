@@ -8,10 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from PIL import Image
 
 from gateway.cli import main
+from inference.architectures import ARCHITECTURES, build_model
+from inference.artifact import save_model
 from inference.overlay import strip_height
+from inference.preprocess import PreprocessSpec
 
 CLASSES = {"abd", "chest"}
 
@@ -109,9 +113,21 @@ def test_predict_gradcam_writes_one_overlay_per_image(
 ) -> None:
     out = tmp_path / "overlays"
     inputs = [*test_images, bad_files[0]]
+    main(["predict", "--model", str(tiny_model), *map(str, inputs)])
+    plain = _json_lines(capsys.readouterr().out)
     code = main(["predict", "--model", str(tiny_model), "--gradcam", str(out), *map(str, inputs)])
     records = _json_lines(capsys.readouterr().out)
     assert code == 1
+    for explained, reference in zip(records[:2], plain[:2], strict=True):
+        _check_good(explained)
+        assert explained["label"] == reference["label"]
+        for name in CLASSES:
+            assert math.isclose(
+                explained["probabilities"][name],
+                reference["probabilities"][name],
+                rel_tol=1e-4,
+                abs_tol=1e-6,
+            )
     written = [Path(record["gradcam"]) for record in records[:2]]
     assert len(set(written)) == 2 and all(path.parent == out for path in written)
     for source, overlay in zip(test_images, written, strict=True):
@@ -149,22 +165,45 @@ def test_predict_reads_dicom_like_the_png(
                 )
 
 
-@pytest.mark.parametrize(("method", "block"), [("cam", "-1"), ("gradcam", "-1"), ("gradcam", "-3")])
+@pytest.fixture(scope="module")
+def untrained_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One model directory per architecture (random weights): explain is about plumbing."""
+    models = {}
+    for arch in ARCHITECTURES:
+        torch.manual_seed(0)
+        out = tmp_path_factory.mktemp("untrained") / arch
+        spec = PreprocessSpec(size=64, resize=131)
+        card = {"arch": arch, "classes": sorted(CLASSES), "preprocessing": spec.to_json()}
+        save_model(build_model(arch, 2).eval(), out, card)
+        models[arch] = out
+    return models
+
+
+@pytest.mark.parametrize(
+    ("arch", "method", "block"),
+    [
+        ("resnet18", "cam", "-1"),
+        ("resnet18", "gradcam", "-3"),
+        ("efficientnet_lite0", "gradcam", "-1"),
+        ("efficientnet_lite0", "gradcam", "-11"),
+    ],
+)
 def test_explain_writes_overlays(
-    tiny_model: Path,
+    untrained_models: dict[str, Path],
     test_images: list[Path],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    arch: str,
     method: str,
     block: str,
 ) -> None:
     out = tmp_path / "explained"
-    arguments = ["--model", str(tiny_model), "--method", method, "--block", block]
+    arguments = ["--model", str(untrained_models[arch]), "--method", method, "--block", block]
     code = main(["explain", *arguments, "--out", str(out), *map(str, test_images)])
     printed = capsys.readouterr().out.splitlines()
     assert code == 0
     written = sorted(out.iterdir())
-    assert len(written) == 2
+    assert len(written) == 2 and len(printed) == 2
     for line in printed:
         assert any(str(path) in line for path in written)
     for source in test_images:
@@ -173,16 +212,46 @@ def test_explain_writes_overlays(
         assert _image_size(overlay) == (width, height + strip_height(width))
 
 
-def test_explain_rejects_a_block_outside_the_body(
+def test_explain_with_the_trained_model(
     tiny_model: Path, test_images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "explained"
-    arguments = ["--model", str(tiny_model), "--block", "-9", "--out", str(out)]
+    code = main(["explain", "--model", str(tiny_model), "--out", str(out), str(test_images[1])])
+    assert code == 0
+    (overlay,) = out.iterdir()
+    assert str(overlay) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("arch", "blocks"), [("resnet18", 8), ("efficientnet_lite0", 11)])
+def test_explain_rejects_a_block_outside_the_body(
+    untrained_models: dict[str, Path],
+    test_images: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    arch: str,
+    blocks: int,
+) -> None:
+    out = tmp_path / "explained"
+    block = str(-blocks - 1)
+    arguments = ["--model", str(untrained_models[arch]), "--block", block, "--out", str(out)]
     code = main(["explain", *arguments, str(test_images[0])])
     error = capsys.readouterr().err
     assert code == 2
-    assert "--block -9" in error and "-8..-1" in error
-    assert not out.exists() or not any(out.iterdir())
+    assert f"--block {block}" in error and f"-{blocks}..-1" in error
+    assert len(error.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_explain_cam_needs_matching_channels(
+    untrained_models: dict[str, Path],
+    test_images: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    arguments = ["--model", str(untrained_models["efficientnet_lite0"]), "--method", "cam"]
+    code = main(["explain", *arguments, "--out", str(tmp_path / "x"), str(test_images[0])])
+    assert code == 2
+    assert "CAM needs the body's last block" in capsys.readouterr().err
 
 
 def test_user_errors_are_one_line_and_exit_2(

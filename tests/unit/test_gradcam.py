@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from inference.architectures import build_model
 from inference.gradcam import cam, gradcam, normalize_maps, upsample_to
-from inference.preprocess import PreprocessSpec, crop_box, model_tensor
+from inference.preprocess import PreprocessSpec, crop_box, model_tensor, prepare
 
 
 @pytest.fixture(autouse=True)
@@ -264,4 +266,24 @@ def test_a_bright_spot_comes_back_where_it_was(method: str, width: int, height: 
     heat = (seen - seen.min()) / (seen.max() - seen.min())
     full = upsample_to(heat, crop_box(width, height, spec), (width, height))
     rows, columns = np.nonzero(full > 0.5)
+    assert abs(rows.mean() - spot_y) < 3 and abs(columns.mean() - spot_x) < 3
+
+
+def test_trimmed_borders_keep_the_map_on_the_anatomy(tmp_path: Path) -> None:
+    """With flat borders trimmed, the network saw a square of the content, not the file."""
+    width, height = 300, 220
+    rng = np.random.default_rng(0)
+    grey = np.zeros((height, width), dtype=np.uint8)  # flat border: 60 px left, 30 px top
+    grey[30:, 60:] = rng.integers(40, 110, size=(height - 30, width - 60), dtype=np.uint8)
+    spot_y, spot_x = 140, 150
+    grey[spot_y - 8 : spot_y + 8, spot_x - 8 : spot_x + 8] = 255
+    path = tmp_path / "bordered.png"
+    Image.fromarray(grey).save(path)
+    spec = PreprocessSpec(size=64, resize=131, trim_borders=True)
+    prepared = prepare(path, spec)
+    assert prepared.box[0] >= 50, "the left border is not part of what the network saw"
+    seen = prepared.tensor[0]
+    heat = (seen - seen.min()) / (seen.max() - seen.min())
+    full = upsample_to(heat, prepared.box, (width, height))
+    rows, columns = np.nonzero(full > 0.7)
     assert abs(rows.mean() - spot_y) < 3 and abs(columns.mean() - spot_x) < 3
