@@ -13,7 +13,12 @@ from typing import Any
 import pytest
 import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    UID,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -388,8 +393,8 @@ class Stored:
 
 def write_header(path: Path, study_uid: str, sop_uid: str, stored: Stored) -> None:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
@@ -424,7 +429,7 @@ def store_and_process(
                 work.ReceivedInstance(
                     study_uid=study_uid,
                     sop_instance_uid=sop_uid,
-                    sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+                    sop_class_uid=DigitalXRayImageStorageForPresentation,
                     transfer_syntax_uid=ExplicitVRLittleEndian,
                     spool_path=relative,
                     sha256="0" * 64,
