@@ -1,4 +1,4 @@
-"""Routing: the issue's example routes over StudyFacts, condition by condition, and the
+"""Routing: the documented example routes over StudyFacts, condition by condition, and the
 forward jobs created from a processed study in a real SQLite file (no sockets)."""
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ REVIEW = {"name": "review", "ae_title": "REVIEW", "host": "127.0.0.1", "port": 4
 QUARANTINE = {"name": "quarantine", "ae_title": "QUARANTINE", "host": "127.0.0.1", "port": 4244}
 ALL_SEND = ["originals", "gradcam", "report"]
 
-# The example routes of the routing issue (and docs/CONFIG.md).
+# The example routes of docs/CONFIG.md (chest, review, mislabelled, rejected, fallback).
 EXAMPLE_ROUTES: list[dict[str, Any]] = [
     {
         "name": "chest",
