@@ -55,7 +55,7 @@ REVIEW = {"name": "review", "ae_title": "REVIEW", "host": "127.0.0.1", "port": 4
 QUARANTINE = {"name": "quarantine", "ae_title": "QUARANTINE", "host": "127.0.0.1", "port": 4244}
 ALL_SEND = ["originals", "gradcam", "report"]
 
-# The example routes of docs/CONFIG.md (chest, review, mislabelled, rejected, fallback).
+# The example routes of docs/CONFIG.md, with a quarantine route for gate rejections.
 EXAMPLE_ROUTES: list[dict[str, Any]] = [
     {
         "name": "chest",
