@@ -42,7 +42,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--preprocessing",
         choices=["robust", "seed"],
         default=None,
-        help="robust: percentile window + flat-border trim (default); seed: the notebook's",
+        help="seed: the notebook's pipeline (default); robust: percentile window + border trim",
     )
     p.add_argument("--weights", type=Path, default=None, help="ImageNet state dict to fine-tune")
     p.add_argument("--cv", type=int, default=0, metavar="K", help="K-fold cross-validation")
