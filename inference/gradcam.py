@@ -5,9 +5,10 @@ Both work on the `nn.Sequential(body, head)` models of `inference.architectures`
 - `gradcam(model, batch, target, block)`: Grad-CAM at `body[block]` (-1 is the last block,
   as in the seed's slider). One forward and one backward for the whole batch: the backward
   starts from the sum of each image's selected logit, and since images do not interact in
-  eval mode, each image's gradient is that of its own logit. The gradient is taken with
-  `torch.autograd.grad` up to the hooked activation only, so nothing is written to any
-  parameter's `.grad` and nothing below the block is back-propagated.
+  eval mode, each image's gradient is that of its own logit. The layers up to the block run
+  without autograd (as fast as inference, nothing kept for a backward); autograd records
+  from the block's output on, and `torch.autograd.grad` stops there, so nothing is written
+  to any parameter's `.grad`.
 - `cam(model, batch, target)`: the seed's CAM, the head's last Linear weight times the
   body's output, in one forward without gradients.
 
@@ -16,8 +17,8 @@ resolution; `upsample_to` puts one back onto the original image's geometry.
 
 The model runs in eval mode for the call (its previous mode is restored) on whatever device
 its parameters are on; `batch` is moved there. Gradients are enabled even when the caller
-is inside `torch.no_grad()` or `torch.inference_mode()`; a batch created under
-`inference_mode` is an inference tensor, which autograd cannot record, so it is cloned
+is inside `torch.no_grad()` or `torch.inference_mode()`. A batch created under
+`inference_mode` is an inference tensor, which autograd may not record; it is cloned
 outside inference mode first (a copy of the batch, done here so callers need not).
 """
 
@@ -47,13 +48,17 @@ class GradCamResult:
 class ActivationHook:
     """Forward hook on one module that keeps its output, as a context manager.
 
-    The hook hands the next layer a clone of the output, so an in-place layer that follows
-    (ResNet's `bn1` -> `ReLU(inplace=True)`) cannot overwrite the kept activation or the
-    autograd node the gradient is taken at. The handle is removed on exit, also on error.
+    The next layer gets a copy of the output, so an in-place layer that follows (ResNet's
+    `bn1` -> `ReLU(inplace=True)`) cannot overwrite the kept activation. With
+    `grad_from_here`, the kept activation is a fresh leaf that requires grad and autograd is
+    switched on for the rest of the forward pass: run the forward under `torch.no_grad()`
+    and only the layers after this module are recorded (leaving the `no_grad` block restores
+    the grad mode, also on error). The handle is removed on exit, also on error.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, grad_from_here: bool = False) -> None:
         self.module = module
+        self.grad_from_here = grad_from_here
         self.activation: torch.Tensor | None = None
         self._handle: RemovableHandle | None = None
 
@@ -62,6 +67,9 @@ class ActivationHook:
             raise TypeError(
                 f"{type(module).__name__} output is {type(output).__name__}, not a tensor"
             )
+        if self.grad_from_here:
+            torch.set_grad_enabled(True)
+            output = output.detach().requires_grad_(True)
         self.activation = output
         return output.clone()
 
@@ -176,13 +184,9 @@ def gradcam(
     model.zero_grad(set_to_none=True)
     with torch.inference_mode(False), torch.enable_grad(), _eval_mode(model):
         inputs = _as_input(batch, _model_device(model))
-        with ActivationHook(body[block]) as hook:
+        with ActivationHook(body[block], grad_from_here=True) as hook, torch.no_grad():
             logits = model(inputs)
         activation = hook.stored()
-        if not activation.requires_grad:
-            raise ValueError(
-                f"no gradient reaches body[{block}]: its parameters and those before it are frozen"
-            )
         targets = _targets(target, logits)
         selected = logits.gather(1, targets.view(-1, 1)).sum()
         (gradient,) = torch.autograd.grad(selected, activation)

@@ -92,6 +92,35 @@ def test_hooks_are_removed_afterwards_and_when_the_forward_raises() -> None:
     assert model.training, "the caller's training mode must be restored, also after an error"
 
 
+def test_grad_mode_is_restored_when_the_forward_fails_after_the_block() -> None:
+    model = _model()
+    before = _hook_counts(model)
+
+    def fail(module: nn.Module, inputs: object, output: object) -> None:
+        raise RuntimeError("head failed")
+
+    handle = model[1].register_forward_hook(fail)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="head failed"):
+            gradcam(model, _batch(1, 64), block=-2)
+        assert not torch.is_grad_enabled(), "the caller's no_grad must still hold"
+    handle.remove()
+    assert _hook_counts(model) == before
+
+
+def test_only_the_layers_after_the_block_are_recorded() -> None:
+    model = _model()
+    recorded: dict[str, bool] = {}
+    model[0][-3].register_forward_hook(
+        lambda m, i, o: recorded.__setitem__("before", o.requires_grad)
+    )
+    model[0][-1].register_forward_hook(
+        lambda m, i, o: recorded.__setitem__("after", o.requires_grad)
+    )
+    gradcam(model, _batch(1, 64), block=-2)
+    assert recorded == {"before": False, "after": True}
+
+
 def test_no_gradients_accumulate_across_calls() -> None:
     model = _model()
     batch = _batch(2)
