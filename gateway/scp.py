@@ -51,6 +51,7 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import A_RELEASE_RQ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import Status
@@ -160,20 +161,23 @@ class HeaderError(Exception):
         self.reason = reason
 
 
-def read_header(dataset: bytes, transfer_syntax: str) -> InstanceHeader:
+def read_header(dataset: bytes | BytesIO, transfer_syntax: str) -> InstanceHeader:
     """Parse only the header values the rows need from an encoded data set (no file meta).
 
     Reads elements up to Series Instance UID and stops: pixel data is never read or
-    decoded. Raises `HeaderError` with `STATUS_CANNOT_UNDERSTAND` for bytes that are
-    not a DICOM data set, `STATUS_DATASET_MISMATCH` for a missing or malformed SOP
-    Class, SOP Instance or Study Instance UID.
+    decoded, and a stream is read in place, not copied. Raises `HeaderError` with
+    `STATUS_CANNOT_UNDERSTAND` for bytes that are not a DICOM data set,
+    `STATUS_DATASET_MISMATCH` for a missing or malformed SOP Class, SOP Instance or
+    Study Instance UID.
     """
+    stream = BytesIO(dataset) if isinstance(dataset, bytes) else dataset
+    stream.seek(0)
     try:
         if transfer_syntax == DeflatedExplicitVRLittleEndian:
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-            dataset = inflater.decompress(dataset, _INFLATE_LIMIT)
+            stream = BytesIO(inflater.decompress(stream.getbuffer(), _INFLATE_LIMIT))
         parsed = read_dataset(
-            BytesIO(dataset),
+            stream,
             is_implicit_VR=transfer_syntax == ImplicitVRLittleEndian,
             is_little_endian=transfer_syntax != ExplicitVRBigEndian,
             stop_when=_past_header,
@@ -520,9 +524,14 @@ def on_store(event: evt.Event, context: ReceiverContext) -> int:
 
 
 def _store(event: evt.Event, context: ReceiverContext, record: AssociationRecord) -> int:
-    request = event.request
+    request = cast(C_STORE, event.request)
     transfer_syntax = str(event.context.transfer_syntax)
-    dataset = event.encoded_dataset(include_meta=False)
+    # The data set as received, read in place: a radiograph is megabytes, and copying
+    # it (as `event.encoded_dataset()` does, twice) costs more than parsing its header.
+    received = request.DataSet
+    dataset: bytes | BytesIO = (
+        received if isinstance(received, BytesIO) else event.encoded_dataset(include_meta=False)
+    )
     try:
         header = read_header(dataset, transfer_syntax)
         _check_request(header, request)
@@ -542,13 +551,25 @@ def _store(event: evt.Event, context: ReceiverContext, record: AssociationRecord
             log.error("C-STORE from %s refused: the database is unavailable", record.calling_aet)
             return STATUS_DATABASE_UNAVAILABLE
 
-    encoded = (
-        file_preamble(
-            header.sop_class_uid, header.sop_instance_uid, transfer_syntax, record.calling_aet
-        )
-        + dataset
+    preamble = file_preamble(
+        header.sop_class_uid, header.sop_instance_uid, transfer_syntax, record.calling_aet
     )
-    if not context.spool.has_room(context.min_free_mb, len(encoded)):
+    body = dataset.getbuffer() if isinstance(dataset, BytesIO) else memoryview(dataset)
+    try:
+        return _store_file(context, record, header, transfer_syntax, [preamble, body])
+    finally:
+        body.release()
+
+
+def _store_file(
+    context: ReceiverContext,
+    record: AssociationRecord,
+    header: InstanceHeader,
+    transfer_syntax: str,
+    parts: list[bytes | memoryview],
+) -> int:
+    size = sum(len(part) for part in parts)
+    if not context.spool.has_room(context.min_free_mb, size):
         log.warning(
             "C-STORE from %s refused: spool below the free-space watermark of %d MB",
             record.calling_aet,
@@ -556,7 +577,7 @@ def _store(event: evt.Event, context: ReceiverContext, record: AssociationRecord
         )
         return STATUS_OUT_OF_SPACE
     try:
-        stored = context.spool.store(encoded, key=header.sop_instance_uid)
+        stored = context.spool.store(parts, key=header.sop_instance_uid)
     except SpoolFull as error:
         log.warning("C-STORE from %s refused: %s", record.calling_aet, error)
         return STATUS_OUT_OF_SPACE

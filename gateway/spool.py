@@ -29,6 +29,7 @@ import secrets
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -55,6 +56,16 @@ class SpoolError(RadgateError):
 
 class SpoolFull(SpoolError):
     """No room left: the disk or quota is full, or a file size limit was hit."""
+
+
+# What `store` takes: one buffer, or parts written in order.
+Content = bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
+
+
+def _parts(encoded: Content) -> Sequence[bytes | bytearray | memoryview]:
+    if isinstance(encoded, bytes | bytearray | memoryview):
+        return [encoded]
+    return encoded
 
 
 @dataclass(frozen=True)
@@ -100,10 +111,12 @@ class Spool:
 
     # --- writing -------------------------------------------------------------------------
 
-    def store(self, encoded: bytes | memoryview, *, key: str) -> StoredFile:
+    def store(self, encoded: Content, *, key: str) -> StoredFile:
         """Store a received instance durably; `key` (the SOP Instance UID) names it.
 
-        Raises `SpoolFull` when the disk or quota is full, `SpoolError` on any other
+        `encoded` may be a list of parts written one after the other (e.g. a file
+        preamble and the data set as received), which saves copying a large data set
+        into one buffer. Raises `SpoolFull` when the disk or quota is full, `SpoolError` on any other
         I/O error; either way no temporary file is left behind.
         """
         digest = key_digest(key)
@@ -113,7 +126,7 @@ class Spool:
         return self._write(relative, encoded)
 
     def store_derived(
-        self, encoded: bytes | memoryview, *, key: str, kind: str, suffix: str = ".dcm"
+        self, encoded: Content, *, key: str, kind: str, suffix: str = ".dcm"
     ) -> StoredFile:
         """Store an object radgate made (e.g. kind ``gradcam``, ``tagged``, ``sr``, ``png``).
 
@@ -134,19 +147,23 @@ class Spool:
         relative = f"{DERIVED_FOLDER}/{kind}/{_fan_out(digest)}/{digest}{suffix}"
         return self._write(relative, encoded)
 
-    def _write(self, relative: str, encoded: bytes | memoryview) -> StoredFile:
+    def _write(self, relative: str, encoded: Content) -> StoredFile:
         target = self.root / relative
         folder = target.parent
-        data = memoryview(encoded).cast("B")
-        sha256 = hashlib.sha256(data).hexdigest()
+        parts = [memoryview(part).cast("B") for part in _parts(encoded)]
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
+        size = sum(part.nbytes for part in parts)
         temporary: str | None = None
         try:
             created = self._ensure_folder(folder)
             descriptor, temporary = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
             try:
-                written = 0
-                while written < len(data):
-                    written += os.write(descriptor, data[written:])
+                for part in parts:
+                    written = 0
+                    while written < len(part):
+                        written += os.write(descriptor, part[written:])
                 os.fsync(descriptor)
             finally:
                 os.close(descriptor)
@@ -160,7 +177,10 @@ class Spool:
             if error.errno in NO_SPACE_ERRNOS:
                 raise SpoolFull(f"spool {self.root} is full: {error}") from error
             raise SpoolError(f"spool {self.root}: cannot store {relative}: {error}") from error
-        return StoredFile(path=relative, sha256=sha256, size=len(data))
+        finally:
+            for part in parts:
+                part.release()
+        return StoredFile(path=relative, sha256=digest.hexdigest(), size=size)
 
     def _ensure_folder(self, folder: Path) -> list[Path]:
         """Create `folder` and missing parents; returns the folders created here.

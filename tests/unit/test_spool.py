@@ -69,6 +69,20 @@ def test_memoryview_input(spool: Spool) -> None:
     assert spool.read_bytes(stored.path) == bytes(data)
 
 
+def test_parts_are_written_in_order_as_one_file(spool: Spool) -> None:
+    parts = [b"preamble", memoryview(bytearray(b"-data set-")), b"", memoryview(b"end")]
+    stored = spool.store(parts, key="1.2.3")
+    expected = b"preamble-data set-end"
+    assert spool.read_bytes(stored.path) == expected
+    assert stored.sha256 == hashlib.sha256(expected).hexdigest()
+    assert stored.size == len(expected)
+
+
+def test_size_counts_bytes_not_items(spool: Spool) -> None:
+    words = memoryview(bytearray(8)).cast("H")  # 4 items of 2 bytes
+    assert spool.store(words, key="k").size == 8
+
+
 @pytest.mark.parametrize("key", HOSTILE_KEYS, ids=lambda key: repr(key)[:20])
 def test_hostile_keys_stay_inside_the_root(tmp_path: Path, key: str) -> None:
     root = tmp_path / "spool"
