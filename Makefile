@@ -35,7 +35,8 @@ $(MODEL)/model.json: | venv
 model: $(MODEL)/model.json
 
 demo: venv system-deps model
-	$(RADGATE) evaluate --model $(MODEL) --data $(DATA)
+	$(RADGATE) evaluate --model $(MODEL)
+	$(RADGATE) demo --config config.yaml --data $(DATA)
 
 test: venv system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)

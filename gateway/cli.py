@@ -97,6 +97,14 @@ def _add_gateway_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, default=Path("config.yaml"))
     p.set_defaults(handler=_lazy("gateway.service:command"))
 
+    p = sub.add_parser("demo", help="run the gateway on the sample radiographs, end to end")
+    p.add_argument("--config", type=Path, default=Path("config.yaml"))
+    p.add_argument("--data", type=Path, required=True, help="the sample data (train/ val/ test/)")
+    p.add_argument("--work", type=Path, default=Path("var/demo"), help="samples, logs, destination")
+    p.add_argument("--wait", type=float, default=600.0, help="seconds to wait for delivery")
+    p.add_argument("--keep-running", action="store_true", help="leave the gateway running")
+    p.set_defaults(handler=_lazy("gateway.demo:command"))
+
     p = sub.add_parser("check-config", help="validate a configuration file")
     p.add_argument("config", type=Path)
     p.set_defaults(handler=_lazy("gateway.config:command"))

@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 # Derived objects get UIDs under the radgate root, derived from what they describe.
 UID_PREFIX = "1.2.826.0.1.3680043.10.1455."
 DERIVED_DIR = "derived"
+# Due forward jobs are looked for this often (and at once after a study is routed).
+FORWARD_INTERVAL_S = 1.0
+FORWARD_STOP_TIMEOUT_S = 30.0
 
 
 def derived_uid(*parts: str) -> str:
@@ -437,4 +440,44 @@ def load_classifier(config: Config) -> Classifier:
         device=config.model.device,
         batch_size=config.model.batch_size,
         threads=config.model.threads,
+    )
+
+
+def make_processor(
+    config: Config, sessions: sessionmaker[Session], spool: Any, worker_id: str
+) -> Any:
+    """What `radgate serve` runs: the pipeline, with routing and forwarding behind it.
+
+    Start-up recovery first (forward jobs left in progress by a killed process go back
+    to pending; processed studies that never got routed are routed), then a forwarding
+    thread that runs due jobs every second and at once when a study has been routed.
+    """
+    from gateway.forward import Forwarder
+    from gateway.routing import create_forward_jobs, route_unrouted
+    from gateway.scheduler import ProcessingWorker
+    from gateway.service import Processor
+
+    classifier = load_classifier(config)
+    forwarder = Forwarder(config, sessions)
+    requeued = forwarder.requeue_in_progress()
+    rerouted = route_unrouted(sessions, config)
+    if requeued or rerouted:
+        log.info(
+            "recovered forwarding: %d job(s) requeued, %d stud(ies) routed",
+            len(requeued),
+            len(rerouted),
+        )
+    delivery = ProcessingWorker(forwarder.run_due, idle_interval_s=FORWARD_INTERVAL_S)
+
+    def routed(session: Session, study_id: int) -> None:
+        if create_forward_jobs(session, config, study_id):
+            delivery.wake()
+
+    pipeline = Pipeline(config, sessions, classifier, worker_id=worker_id, on_processed=routed)
+    delivery.start()
+    return Processor(
+        process_ready=pipeline.process_ready,
+        model_id=classifier.loaded.model_id,
+        device=str(classifier.device),
+        close=lambda: delivery.stop(FORWARD_STOP_TIMEOUT_S),
     )
