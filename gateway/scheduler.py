@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.models import utcnow
 from db.work import mark_ready
 from gateway.config import StudyConfig
+from gateway.scp import database_problem
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class StudyCompletion:
                 )
         except SQLAlchemyError as error:
             # Usually the lock held by a long writer; the next sweep tries again.
-            log.warning("study completion sweep skipped: %s", type(error).__name__)
+            log.warning("study completion sweep skipped: %s", database_problem(error))
             log.debug("sweep error", exc_info=True)
             return []
         if ready:

@@ -133,6 +133,12 @@ _INFLATE_LIMIT = 16 * 1024 * 1024
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 
 
+def database_problem(error: SQLAlchemyError) -> str:
+    """What went wrong, without the statement and its parameters (patient data)."""
+    original = getattr(error, "orig", None)
+    return f"{type(error).__name__}: {original}" if original is not None else type(error).__name__
+
+
 # --- header ----------------------------------------------------------------------------
 
 
@@ -417,7 +423,9 @@ def _open_association_row(context: ReceiverContext, record: AssociationRecord) -
             )
     except SQLAlchemyError as error:
         # The first C-STORE tries again and is refused if the database is still down.
-        log.error("association from %s not recorded yet: %s", record.calling_aet, error)
+        log.error(
+            "association from %s not recorded yet: %s", record.calling_aet, database_problem(error)
+        )
         return None
 
 
@@ -446,7 +454,11 @@ def on_rejected(event: evt.Event, context: ReceiverContext) -> None:
                 reason=reason,
             )
     except SQLAlchemyError as error:
-        log.error("rejected association from %r not recorded: %s", record.calling_aet, error)
+        log.error(
+            "rejected association from %r not recorded: %s",
+            record.calling_aet,
+            database_problem(error),
+        )
 
 
 def on_released(event: evt.Event, context: ReceiverContext) -> None:
@@ -502,10 +514,17 @@ def _close(
     try:
         with context.sessions() as session:
             close_association(session, record.association_id, outcome, reason)
-    except (SQLAlchemyError, LookupError) as error:
+    except SQLAlchemyError as error:
         # Left open in the database: the next start closes it as aborted, so its
         # studies still become ready (after `study.unreleased_timeout_s`).
-        log.error("association %d not closed in the database: %s", record.association_id, error)
+        log.error(
+            "association %d not closed in the database: %s",
+            record.association_id,
+            database_problem(error),
+        )
+    except LookupError as error:
+        # The row is gone (deleted by hand or by retention): nothing left to close.
+        log.error("association %d not closed: %s", record.association_id, error)
 
 
 # --- C-STORE ---------------------------------------------------------------------------
@@ -611,9 +630,8 @@ def _store_file(
         log.error(
             "C-STORE from %s refused: the database did not record it (%s)",
             record.calling_aet,
-            type(error).__name__,
+            database_problem(error),
         )
-        log.debug("database error", exc_info=True)
         return STATUS_DATABASE_UNAVAILABLE
     except Exception:
         _remove_quietly(context.spool, stored.path)

@@ -624,14 +624,30 @@ def test_patient_names_and_ids_stay_out_of_logs(
     options = {"patient_name": name, "patient_id": patient_id}
     sop_uid = generate_uid()
     with caplog.at_level(logging.INFO):
-        gateway = start_gateway()
+        gateway = start_gateway(storage={"busy_timeout_ms": 200})
         first = write_dx(tmp_path / "a", sop_uid=sop_uid, seed=1, **options)
         different = write_dx(tmp_path / "b", sop_uid=sop_uid, seed=2, **options)
         no_study_path = _without(tmp_path, "StudyInstanceUID", **options)
         statuses = send_files(gateway.port, [first, different, no_study_path])
+        # A database failure: its error must not carry the statement's parameters.
+        blocker = sqlite3.connect(_database_file(gateway), isolation_level=None)
+        try:
+            with associated(gateway.port) as assoc:
+                blocker.execute("BEGIN EXCLUSIVE")
+                locked_out = write_dx(tmp_path / "c", **options)
+                statuses.append(int(assoc.send_c_store(locked_out).Status))
+                blocker.execute("ROLLBACK")
+        finally:
+            blocker.close()
         wait_until(lambda: all(a.outcome is not None for a in gateway.associations()))
-    assert statuses == [STATUS_SUCCESS, STATUS_SUCCESS, STATUS_DATASET_MISMATCH]
+    assert statuses == [
+        STATUS_SUCCESS,
+        STATUS_SUCCESS,
+        STATUS_DATASET_MISMATCH,
+        STATUS_DATABASE_UNAVAILABLE,
+    ]
     assert "differs from the first copy" in caplog.text
+    assert "database is locked" in caplog.text
     assert "ZEBEDIAH" not in caplog.text
     assert patient_id not in caplog.text
     assert gateway.studies()[0].patient_name == name
