@@ -22,6 +22,7 @@ from sqlalchemy.orm import selectinload
 
 from db.models import ForwardJob, ForwardJobState, Instance, Study, StudyState
 from gateway.cli import main
+from gateway.demo import storescu_batches
 from gateway.pipeline import make_processor
 
 pytestmark = pytest.mark.slow
@@ -60,9 +61,10 @@ def test_samples_flow_from_modality_to_pacs(
     )
     manifest = json.loads((sample_studies / "manifest.json").read_text())
     files = [sample_studies / entry["path"] for entry in manifest]
-    outcome = storescu(gateway.port, files, calling_aet="MODALITY")
-    assert outcome.returncode == 0, outcome.output
-    assert outcome.statuses == ["Success"] * len(files)
+    for options, batch in storescu_batches(files):  # compressed files go unchanged
+        outcome = storescu(gateway.port, batch, calling_aet="MODALITY", extra=options)
+        assert outcome.returncode == 0, outcome.output
+        assert outcome.statuses == ["Success"] * len(batch), outcome.output
     assert echoscu(gateway.port).returncode == 0
 
     study_uids = {entry["study_uid"] for entry in manifest}
