@@ -144,33 +144,50 @@ def destination_node(destination: Destination, work: Path) -> Iterator[str]:
         _stop(process)
 
 
+# storescu sends a compressed file unchanged only when told to propose its transfer syntax.
+STORESCU_PROPOSE = {
+    "1.2.840.10008.1.2.4.50": "-xy",  # JPEG baseline
+    "1.2.840.10008.1.2.4.51": "-xx",  # JPEG extended (12-bit)
+    "1.2.840.10008.1.2.4.57": "-xs",  # JPEG lossless
+    "1.2.840.10008.1.2.4.70": "-xs",  # JPEG lossless, first-order prediction
+    "1.2.840.10008.1.2.4.80": "-xt",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81": "-xu",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.90": "-xv",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91": "-xw",  # JPEG 2000
+    "1.2.840.10008.1.2.5": "-xr",  # RLE lossless
+    "1.2.840.10008.1.2.1.99": "-xd",  # deflated explicit VR little endian
+}
+
+
+def storescu_batches(files: list[Path]) -> list[tuple[list[str], list[Path]]]:
+    """Files grouped by the storescu option their transfer syntax needs (one association each)."""
+    import pydicom
+
+    groups: dict[str, list[Path]] = {}
+    for path in files:
+        syntax = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        groups.setdefault(STORESCU_PROPOSE.get(syntax, ""), []).append(path)
+    return [([option] if option else [], group) for option, group in sorted(groups.items())]
+
+
 def _send(config: Config, files: list[Path], log: Path) -> None:
-    command = [
-        "storescu",
-        "-aet",
-        "MODALITY",
-        "-aec",
-        config.ae.title,
-        "-nh",
-        "--timeout",
-        "30",
-        "--dimse-timeout",
-        "60",
-        config.ae.host,
-        str(config.ae.port),
-        *map(str, files),
-    ]
-    with log.open("ab") as handle:
-        result = subprocess.run(
-            command,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            timeout=SEND_TIMEOUT_S,
-            env={**os.environ, "TCP_NODELAY": "1"},
-            check=False,
-        )
-    if result.returncode != 0:
-        raise RadgateError(f"storescu exited with status {result.returncode}; see {log}")
+    for options, batch in storescu_batches(files):
+        command = [
+            "storescu", "-aet", "MODALITY", "-aec", config.ae.title, "-nh", *options,
+            "--timeout", "30", "--dimse-timeout", "60",
+            config.ae.host, str(config.ae.port), *map(str, batch),
+        ]  # fmt: skip
+        with log.open("ab") as handle:
+            result = subprocess.run(
+                command,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                timeout=SEND_TIMEOUT_S,
+                env={**os.environ, "TCP_NODELAY": "1"},
+                check=False,
+            )
+        if result.returncode != 0:
+            raise RadgateError(f"storescu exited with status {result.returncode}; see {log}")
 
 
 def _settled(records: list[dict[str, Any]], study_uids: set[str]) -> tuple[bool, str]:

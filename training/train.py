@@ -404,7 +404,12 @@ def train_model(
         dataset.split("train"), dataset.split("val"), dataset.classes, cache, recipe
     )
     suggested_lr = run_lr_find(dls, recipe, out) if plots else None
+    # Fresh loaders after the finder, so the model trained does not depend on how many
+    # shuffles the finder drew.
     seed_everything(recipe.seed)
+    dls = build_dataloaders(
+        dataset.split("train"), dataset.split("val"), dataset.classes, cache, recipe
+    )
     history = _history_callback()
     learn = build_learner(dls, recipe, callbacks=[history])
     fit(learn, recipe)
