@@ -155,9 +155,10 @@ def _summary_line(record: dict[str, Any]) -> str:
     ]
     forwards = ", ".join(f"{f['destination']}:{f['state']}" for f in record["forwards"]) or "-"
     flags = " MISMATCH" if record["body_part_mismatch"] else ""
-    result = ", ".join(predictions) or "-"
+    parts = [", ".join(predictions)] if predictions else []
     if rejected:
-        result += (" | " if predictions else "") + "rejected: " + " / ".join(rejected)
+        parts.append("rejected: " + " / ".join(rejected))
+    result = " | ".join(parts) or "-"
     return (
         f"{_short(record['study_uid']):<29} {record['state']:<10} {len(record['instances']):>4} "
         f"{result}{flags}   -> {forwards}"

@@ -153,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # Libraries that narrate routine steps at INFO (migrations, codec tiles).
+        for name in ("alembic", "openjpeg", "matplotlib", "pydicom"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return int(args.handler(args))
     except RadgateError as error:

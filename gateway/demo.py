@@ -216,7 +216,7 @@ def command(args: argparse.Namespace) -> int:
         raise RadgateError(
             f"{config.ae.host}:{config.ae.port} is in use: stop the other gateway first"
         )
-    work = Path(args.work)
+    work = Path(args.work).resolve()
     samples_dir = work / "samples"
     from inference.samples import make_samples
 
