@@ -559,7 +559,7 @@ def command(args: argparse.Namespace) -> int:
     if args.weights is not None and not args.weights.is_file():
         raise RadgateError(f"{args.weights}: weights file does not exist")
     if args.cv == 1 or args.cv < 0:
-        raise RadgateError(f"--cv {args.cv}: need at least 2 folds")
+        raise RadgateError(f"--cv {args.cv}: need at least two folds")
     import matplotlib
 
     matplotlib.use("Agg")

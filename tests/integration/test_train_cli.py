@@ -144,3 +144,31 @@ def test_real_recipe_is_accurate_and_export_matches_the_learner(
     served_probs = np.array([[r["probabilities"][c] for c in card.classes] for r in served])
     assert np.abs(served_probs - learner_probs.numpy()).max() < 1e-3
     assert [r["prediction"] for r in served] == [card.classes[i] for i in learner_probs.argmax(1)]
+
+
+def test_cross_validation_reports_accuracy_and_misclassified_files(
+    tmp_path: Path, sample_data_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "cv-model"
+    code = main(["train", "--data", str(sample_data_dir), "--out", str(out),
+                 "--cv", "2", "--epochs", "1", "--size", "64"])  # fmt: skip
+    assert code == 0
+    cv = json.loads((out / "cross_validation.json").read_text())
+    assert cv["folds"] == 2 and len(cv["per_image"]) == 77  # every labelled image held out once
+    assert {row["fold"] for row in cv["per_image"]} == {1, 2}
+    wrong = [row["file"] for row in cv["per_image"] if not row["correct"]]
+    assert cv["misclassified"] == wrong
+    assert cv["accuracy"] == pytest.approx(1 - len(wrong) / 77, abs=1e-6)
+    card = json.loads((out / CARD_FILE).read_text())
+    assert card["metrics"]["cv_accuracy"] == cv["accuracy"] and card["metrics"]["cv_folds"] == 2
+    assert "2-fold cross-validation accuracy" in capsys.readouterr().out
+
+
+def test_bad_cv_argument_is_refused(
+    tmp_path: Path, sample_data_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert (
+        main(["train", "--data", str(sample_data_dir), "--out", str(tmp_path / "m"), "--cv", "1"])
+        == 2
+    )
+    assert "--cv 1: need at least two folds" in capsys.readouterr().err
