@@ -86,6 +86,8 @@ def test_weights_of_the_wrong_architecture_leave_nothing_behind(
             str(out),
             "--weights",
             str(weights),
+            "--arch",
+            "resnet18",
             "--epochs",
             "1",
             "--size",
