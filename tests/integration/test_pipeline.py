@@ -54,6 +54,12 @@ def _config(tmp_path: Path, model: Path) -> Config:
     )
 
 
+def _database(config: Config) -> Any:
+    engine = make_engine(config.storage.database_url)
+    migrate(engine)
+    return session_factory(engine)
+
+
 def _receive(config: Config, sessions: Any, files: list[Path]) -> None:
     """Store files in the spool and record them as one released association would."""
     spool = Path(config.storage.spool_dir)
@@ -102,11 +108,9 @@ def test_pipeline_gates_classifies_and_writes_outputs(
     tmp_path: Path, samples: Path, tiny_model: Path
 ) -> None:
     config = _config(tmp_path, tiny_model)
-    engine = make_engine(config.storage.database_url)
-    migrate(engine)
-    sessions = session_factory(engine)
+    sessions = _database(config)
     manifest = json.loads((samples / "manifest.json").read_text())
-    entries = manifest if isinstance(manifest, list) else manifest["instances"]
+    entries = manifest
     _receive(config, sessions, [samples / e["path"] for e in entries])
 
     pipeline = Pipeline(config, sessions, load_classifier(config))
@@ -160,9 +164,7 @@ def test_a_crash_before_the_commit_is_redone_once(
     tmp_path: Path, samples: Path, tiny_model: Path
 ) -> None:
     config = _config(tmp_path, tiny_model)
-    engine = make_engine(config.storage.database_url)
-    migrate(engine)
-    sessions = session_factory(engine)
+    sessions = _database(config)
     files = sorted(samples.glob("*chest*plain*/*.dcm"))[:1]
     assert files
     _receive(config, sessions, files)
@@ -194,9 +196,7 @@ def test_an_output_highdicom_refuses_is_recorded_and_the_rest_kept(
     tmp_path: Path, samples: Path, tiny_model: Path
 ) -> None:
     config = _config(tmp_path, tiny_model)
-    engine = make_engine(config.storage.database_url)
-    migrate(engine)
-    sessions = session_factory(engine)
+    sessions = _database(config)
     source = sorted(samples.glob("*chest*plain*/*.dcm"))[0]
     odd = pydicom.dcmread(source)
     odd.PatientSex = "X"  # not M, F or O: highdicom refuses to copy it into an SC or SR
