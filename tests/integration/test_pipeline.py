@@ -215,3 +215,59 @@ def test_an_output_highdicom_refuses_is_recorded_and_the_rest_kept(
         assert kinds == {OutputKind.TAGGED_ORIGINAL}
         errors = session.scalars(select(AuditEvent).where(AuditEvent.kind == "error")).all()
         assert {e.detail["output"] for e in errors} == {"gradcam_sc", "report_sr"}
+
+
+def test_audit_views_show_what_was_decided(
+    tmp_path: Path, samples: Path, tiny_model: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import yaml
+
+    config = _config(tmp_path, tiny_model)
+    sessions = _database(config)
+    manifest = json.loads((samples / "manifest.json").read_text())
+    chosen = [e for e in manifest if e["variant"] in ("plain", "ct")][:3]
+    _receive(config, sessions, [samples / e["path"] for e in chosen])
+    assert Pipeline(config, sessions, load_classifier(config)).process_ready() == len(chosen)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {
+                    "spool_dir": str(config.storage.spool_dir),
+                    "database_url": config.storage.database_url,
+                },
+                "model": {"dir": str(tiny_model)},
+                "destinations": [],
+                "routes": [],
+            }
+        )
+    )
+    capsys.readouterr()
+    assert main(["studies", "--config", str(config_file), "--json"]) == 0
+    studies = {s["study_uid"]: s for s in json.loads(capsys.readouterr().out)["studies"]}
+    assert set(studies) == {e["study_uid"] for e in chosen}
+    for entry in chosen:
+        record = studies[entry["study_uid"]]
+        assert record["state"] == "processed"
+        (instance,) = record["instances"]
+        assert instance["gate"]["passed"] == (entry["expected_gate"] == "passed")
+        if entry["expected_gate"] == "rejected":
+            assert record["gate"] == "rejected" and instance["prediction"] is None
+            assert instance["gate"]["reasons"] == entry["expected_reasons"]
+        else:
+            assert instance["prediction"]["label"] in ("abd", "chest")
+            kinds = sorted(o["kind"] for o in record["outputs"])
+            assert kinds == ["gradcam_sc", "report_sr", "tagged_original"]
+            assert all(Path(o["file"]).is_file() for o in record["outputs"])
+
+    assert main(["studies", "--config", str(config_file)]) == 0
+    table = capsys.readouterr().out
+    assert "rejected: modality CT not in [CR, DX]" in table or not any(
+        e["variant"] == "ct" for e in chosen
+    )
+    shown = chosen[0]
+    assert main(["show", "--config", str(config_file), shown["study_uid"]]) == 0
+    printed = capsys.readouterr().out
+    assert shown["sop_instance_uid"] in printed and '"audit_events"' in printed
+    assert main(["show", "--config", str(config_file), "1.2.3.4"]) == 2
+    assert "study 1.2.3.4: not found" in capsys.readouterr().err
