@@ -50,7 +50,7 @@ def radgate_to(
     config = {
         "ae": {"title": ingest.RADGATE_AET, "host": ingest.HOST, "port": port},
         "storage": {"spool_dir": str(folder / "spool"), "database_url": database_url},
-        "model": {"dir": str(model), "device": "auto"},
+        "model": {"dir": str(model.resolve()), "device": "auto"},
         "study": {"quiet_period_s": quiet_period_s},
         "destinations": [
             {"name": "dest", "ae_title": destination.called_aet, "host": ingest.HOST,
