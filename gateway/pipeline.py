@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -242,13 +243,13 @@ class Pipeline:
                 attempt(
                     "gradcam_sc",
                     item.sop_instance_uid,
-                    lambda item=item: self._gradcam_output(item),
+                    partial(self._gradcam_output, item),
                 )
             if config.tag_originals:
                 attempt(
                     "tagged_original",
                     item.sop_instance_uid,
-                    lambda item=item: self._tagged_output(item),
+                    partial(self._tagged_output, item),
                 )
         reported = [item for item in items if item.dataset is not None and item.result is not None]
         if config.structured_report and reported:
@@ -443,6 +444,11 @@ def load_classifier(config: Config) -> Classifier:
     )
 
 
+def _stop_worker(worker: Any) -> None:
+    if not worker.stop(FORWARD_STOP_TIMEOUT_S):
+        log.warning("forwarding still busy after %g s at shutdown", FORWARD_STOP_TIMEOUT_S)
+
+
 def make_processor(
     config: Config, sessions: sessionmaker[Session], spool: Any, worker_id: str
 ) -> Any:
@@ -479,5 +485,5 @@ def make_processor(
         process_ready=pipeline.process_ready,
         model_id=classifier.loaded.model_id,
         device=str(classifier.device),
-        close=lambda: delivery.stop(FORWARD_STOP_TIMEOUT_S),
+        close=partial(_stop_worker, delivery),
     )

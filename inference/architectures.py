@@ -10,6 +10,7 @@ fastai Learner loads here with `strict=True`, and the serving path needs no fast
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,18 +59,22 @@ def resnet18_body() -> tuple[nn.Sequential, int]:
     return nn.Sequential(*list(backbone.children())[:-2]), 512
 
 
-def efficientnet_lite0_body() -> tuple[nn.Sequential, int]:
-    import timm
-
-    backbone = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0)
-    body = nn.Sequential(
+def _lite0_body(backbone: Any) -> nn.Sequential:
+    """timm's EfficientNet cut before pooling: stem, 7 stages, head conv; 11 blocks."""
+    return nn.Sequential(
         backbone.conv_stem,
         backbone.bn1,
         *backbone.blocks,
         backbone.conv_head,
         backbone.bn2,
     )
-    return body, int(backbone.num_features)
+
+
+def efficientnet_lite0_body() -> tuple[nn.Sequential, int]:
+    import timm
+
+    backbone: Any = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0)
+    return _lite0_body(backbone), int(backbone.num_features)
 
 
 def create_body(arch: str) -> tuple[nn.Sequential, int]:
@@ -123,8 +128,8 @@ def load_backbone_weights(body: nn.Sequential, arch: str, weights_file: Path) ->
     if arch == "efficientnet_lite0":
         import timm
 
-        reference = timm.create_model("efficientnet_lite0", pretrained=False)
-        target = reference.state_dict()
+        lite0: Any = timm.create_model("efficientnet_lite0", pretrained=False)
+        target = lite0.state_dict()
         # The packaged file uses the original EfficientNet names (`_conv_stem`, `_bn0`, ...);
         # its tensors are in the same order and shapes as timm's, so they map by position.
         if len(state) != len(target) or any(
@@ -132,16 +137,7 @@ def load_backbone_weights(body: nn.Sequential, arch: str, weights_file: Path) ->
             for a, b in zip(state.values(), target.values(), strict=True)
         ):
             raise ValueError(f"{weights_file}: not an EfficientNet-Lite0 state dict")
-        reference.load_state_dict(dict(zip(target.keys(), state.values(), strict=True)))
-        body.load_state_dict(
-            nn.Sequential(
-                reference.conv_stem,
-                reference.bn1,
-                *reference.blocks,
-                reference.conv_head,
-                reference.bn2,
-            ).state_dict(),
-            strict=True,
-        )
+        lite0.load_state_dict(dict(zip(target.keys(), state.values(), strict=True)))
+        body.load_state_dict(_lite0_body(lite0).state_dict(), strict=True)
         return
     raise ValueError(f"unknown architecture {arch!r}")
