@@ -46,7 +46,11 @@ lint: venv
 	$(VENV)/bin/ruff format --check gateway inference training db tests bench
 	$(VENV)/bin/mypy gateway inference training db
 
+# Each benchmark prints ratios against a reference measured in the same run (docs/PERFORMANCE.md).
 bench: venv system-deps model
+	$(PY) bench/inference.py --data $(DATA) --model $(MODEL)
+	$(PY) bench/ingest.py --count 200 --rounds 3
+	$(PY) bench/forward.py --model $(MODEL) --count 200
 	$(PY) bench/train.py --data $(DATA)
 
 # For users outside this setup: the published sample radiographs (Lakhani et al. 2018, via the RSNA 2020 notebook).
