@@ -26,6 +26,7 @@ Private block: creator ``RADGATE`` in group 0x0011, elements (offsets in the blo
 from __future__ import annotations
 
 import copy
+import io
 import math
 import numbers
 import os
@@ -675,13 +676,8 @@ def _instance_container(source: Dataset, result: InstanceResult) -> hd.sr.Contai
 # --------------------------------------------------------------------------------- write
 
 
-def write_dataset(ds: Dataset, path: Path) -> None:
-    """Write `ds` as a DICOM file at `path`: a temporary file, fsync, atomic rename.
-
-    Encapsulated (compressed) datasets keep their transfer syntax and pixel bytes; all
-    others are written as explicit VR little endian. `ds` is not changed. The folder
-    must exist; it is fsynced after the rename so that the new name is durable too.
-    """
+def _as_file(ds: Dataset) -> Dataset:
+    """`ds` with radgate's file meta: its own syntax when encapsulated, else explicit VR LE."""
     syntax = _output_syntax(ds)
     meta = FileMetaDataset()
     if hasattr(ds, "file_meta"):
@@ -695,7 +691,24 @@ def write_dataset(ds: Dataset, path: Path) -> None:
     out = copy.copy(ds)
     out.file_meta = meta
     out.preamble = b"\x00" * 128
+    return out
 
+
+def encode_dataset(ds: Dataset) -> bytes:
+    """`ds` as the bytes of a DICOM file, as `write_dataset` would write it (for the spool)."""
+    buffer = io.BytesIO()
+    dcmwrite(buffer, _as_file(ds), enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def write_dataset(ds: Dataset, path: Path) -> None:
+    """Write `ds` as a DICOM file at `path`: a temporary file, fsync, atomic rename.
+
+    Encapsulated (compressed) datasets keep their transfer syntax and pixel bytes; all
+    others are written as explicit VR little endian. `ds` is not changed. The folder
+    must exist; it is fsynced after the rename so that the new name is durable too.
+    """
+    out = _as_file(ds)
     path = Path(path)
     temporary: Path | None = None
     try:

@@ -10,7 +10,6 @@ restart writes the very same files again instead of duplicates.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -42,17 +41,17 @@ from db.work import claim_study, fail_study, finish_study, new_worker_id
 from gateway import outputs
 from gateway.config import Config
 from gateway.gate import GateResult, body_part_mismatch, evaluate
+from gateway.spool import Spool
 from inference.classifier import Classifier
 from inference.errors import UndecodablePixels
 from inference.gradcam import gradcam, upsample_to
-from inference.overlay import render_overlay, save_png
+from inference.overlay import png_bytes, render_overlay
 from inference.preprocess import Prepared, prepare
 
 log = logging.getLogger(__name__)
 
 # Derived objects get UIDs under the radgate root, derived from what they describe.
 UID_PREFIX = "1.2.826.0.1.3680043.10.1455."
-DERIVED_DIR = "derived"
 # Due forward jobs are looked for this often (and at once after a study is routed).
 FORWARD_INTERVAL_S = 1.0
 FORWARD_STOP_TIMEOUT_S = 30.0
@@ -60,11 +59,6 @@ FORWARD_STOP_TIMEOUT_S = 30.0
 
 def derived_uid(*parts: str) -> str:
     return generate_uid(prefix=UID_PREFIX, entropy_srcs=list(parts))
-
-
-def _hashed_name(uid: str, suffix: str) -> str:
-    digest = hashlib.sha256(uid.encode()).hexdigest()
-    return f"{DERIVED_DIR}/{digest[:2]}/{digest}{suffix}"
 
 
 @dataclass
@@ -93,12 +87,15 @@ class Pipeline:
         *,
         worker_id: str | None = None,
         on_processed: Callable[[Session, int], None] | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self.config = config
         self.sessions = sessions
         self.classifier = classifier
         self.worker_id = worker_id or new_worker_id()
         self.spool_root = Path(config.storage.spool_dir)
+        # Derived objects go through the spool's durable, hash-named store.
+        self.spool = spool or Spool(self.spool_root)
         self.on_processed = on_processed
         self.spec = classifier.loaded.card.preprocessing
         self.weights_sha256 = classifier.loaded.card.sha256
@@ -259,8 +256,7 @@ class Pipeline:
     def _tagged_output(self, item: InstanceWork) -> dict[str, Any]:
         assert item.dataset is not None and item.result is not None
         tagged = outputs.tag_original(item.dataset, item.result)
-        path = _hashed_name(f"{item.sop_instance_uid}/tagged/{self.weights_sha256}", ".dcm")
-        self._write(tagged, path)
+        path = self._store(tagged, "tagged", f"{item.sop_instance_uid}/{self.weights_sha256}")
         return {
             "instance_id": item.row_id,
             "kind": OutputKind.TAGGED_ORIGINAL,
@@ -281,8 +277,7 @@ class Pipeline:
             series_instance_uid=series_uid,
             sop_instance_uid=sop_uid,
         )
-        path = _hashed_name(sop_uid, ".dcm")
-        self._write(report, path)
+        path = self._store(report, "report", sop_uid)
         return {
             "instance_id": None,
             "kind": OutputKind.REPORT_SR,
@@ -293,18 +288,17 @@ class Pipeline:
             "png_path": None,
         }
 
-    def _write(self, dataset: Dataset, relative: str) -> None:
-        target = self.spool_root / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        outputs.write_dataset(dataset, target)
+    def _store(self, dataset: Dataset, kind: str, key: str) -> str:
+        return self.spool.store_derived(outputs.encode_dataset(dataset), key=key, kind=kind).path
+
+    def _store_png(self, picture: np.ndarray, key: str) -> str:
+        return self.spool.store_derived(png_bytes(picture), key=key, kind="png", suffix=".png").path
 
     def _original_png(self, item: InstanceWork) -> str | None:
         display = item.prediction.get("display")
         if display is None:
             return None
-        path = _hashed_name(f"{item.sop_instance_uid}/original", ".png")
-        save_png(display, self.spool_root / path)
-        return path
+        return self._store_png(display, f"{item.sop_instance_uid}/original")
 
     def _gradcam_output(self, item: InstanceWork) -> dict[str, Any]:
         model_key = self.weights_sha256
@@ -329,10 +323,8 @@ class Pipeline:
             series_instance_uid=series_uid,
             sop_instance_uid=sop_uid,
         )
-        path = _hashed_name(sop_uid, ".dcm")
-        self._write(capture, path)
-        png_path = _hashed_name(sop_uid, ".png")
-        save_png(overlay, self.spool_root / png_path)
+        path = self._store(capture, "gradcam", sop_uid)
+        png_path = self._store_png(overlay, sop_uid)
         return {
             "instance_id": item.row_id,
             "kind": OutputKind.GRADCAM_SC,
@@ -479,7 +471,9 @@ def make_processor(
         if create_forward_jobs(session, config, study_id):
             delivery.wake()
 
-    pipeline = Pipeline(config, sessions, classifier, worker_id=worker_id, on_processed=routed)
+    pipeline = Pipeline(
+        config, sessions, classifier, worker_id=worker_id, on_processed=routed, spool=spool
+    )
     delivery.start()
     return Processor(
         process_ready=pipeline.process_ready,

@@ -8,6 +8,7 @@ anatomy.
 
 from __future__ import annotations
 
+import io
 from functools import lru_cache
 from pathlib import Path
 
@@ -121,6 +122,13 @@ def render_overlay(
     picture = np.rint(blended, out=blended).clip(0, 255).astype(np.uint8)
     strip = np.asarray(_legend(picture.shape[1], label, probability, title))
     return np.concatenate([picture, strip], axis=0)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """A uint8 (H, W, 3) or (H, W) array encoded as PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def save_png(array: np.ndarray, path: Path) -> Path:
