@@ -454,6 +454,18 @@ def _readiness(now: datetime, quiet_period_s: float, unreleased_timeout_s: float
     return and_(Study.state == StudyState.RECEIVING, condition)
 
 
+def _ready_ids(
+    session: Session, now: datetime, quiet_period_s: float, unreleased_timeout_s: float | None
+) -> list[int]:
+    return list(
+        session.scalars(
+            select(Study.id)
+            .where(_readiness(now, quiet_period_s, unreleased_timeout_s))
+            .order_by(Study.last_received_at, Study.id)
+        )
+    )
+
+
 def ready_study_ids(
     session: Session,
     now: datetime,
@@ -462,13 +474,7 @@ def ready_study_ids(
 ) -> list[int]:
     """Ids of `receiving` studies whose delivery is over (see `_readiness`), oldest first."""
     with _transaction(session):
-        return list(
-            session.scalars(
-                select(Study.id)
-                .where(_readiness(now, quiet_period_s, unreleased_timeout_s))
-                .order_by(Study.last_received_at, Study.id)
-            )
-        )
+        return _ready_ids(session, now, quiet_period_s, unreleased_timeout_s)
 
 
 def mark_ready(
@@ -479,13 +485,7 @@ def mark_ready(
 ) -> list[int]:
     """Move every study whose delivery is over from `receiving` to `ready`; returns their ids."""
     with _transaction(session):
-        study_ids = list(
-            session.scalars(
-                select(Study.id)
-                .where(_readiness(now, quiet_period_s, unreleased_timeout_s))
-                .order_by(Study.last_received_at, Study.id)
-            )
-        )
+        study_ids = _ready_ids(session, now, quiet_period_s, unreleased_timeout_s)
         if study_ids:
             session.execute(
                 update(Study)
