@@ -44,8 +44,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="seed: the notebook's pipeline (default); robust: percentile window + border trim",
     )
+    p.add_argument(
+        "--augmentation",
+        choices=["radiograph", "seed"],
+        default=None,
+        help="radiograph: the seed's plus collimation borders, gamma, stronger lighting and"
+        " zoom (default); seed: the notebook's aug_transforms only",
+    )
     p.add_argument("--weights", type=Path, default=None, help="ImageNet state dict to fine-tune")
     p.add_argument("--cv", type=int, default=0, metavar="K", help="K-fold cross-validation")
+    p.add_argument(
+        "--cv-seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="repeat the cross-validation with N seeds (--seed, --seed+1, ...)",
+    )
     p.add_argument("--external", type=Path, default=None, help="external evaluation set")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(handler=_lazy("training.train:command"))

@@ -22,6 +22,12 @@ from inference.preprocess import read_pixels
 from training.data import LabelledImage
 
 MAX_PROBABILITY_SHIFT = 0.05
+BORDER_FRACTION = 0.12  # collimator border width, per side, as a fraction of the image
+
+
+def border_pads(height: int, width: int) -> tuple[int, int]:
+    """(rows, columns) of collimator border `_collimated` adds on each side."""
+    return int(height * BORDER_FRACTION), int(width * BORDER_FRACTION)
 
 
 def _grey(pixels: np.ndarray) -> np.ndarray:
@@ -71,7 +77,7 @@ def encode_dicom(
 def _collimated(grey: np.ndarray) -> np.ndarray:
     """Unexposed collimator borders (bright, with quantum noise) around the field, 12% a side."""
     height, width = grey.shape
-    pad_y, pad_x = int(height * 0.12), int(width * 0.12)
+    pad_y, pad_x = border_pads(height, width)
     noise = np.random.default_rng(0).normal(0.0, 0.01, (height + 2 * pad_y, width + 2 * pad_x))
     framed = (0.93 + noise).astype(np.float32)
     framed[pad_y : pad_y + height, pad_x : pad_x + width] = grey

@@ -35,6 +35,10 @@ from training.data import Dataset, ImageCache, LabelledImage, scan_dataset, scan
 log = logging.getLogger(__name__)
 
 SEED_AUGMENTATION = dict(do_flip=True, max_rotate=10.0, max_warp=0.2, p_affine=0.75, min_scale=0.75)
+# Radiographs from other hospitals: wider fields of view and tighter crops, other exposure
+# and processing, unexposed collimator borders (training/augment.py).
+RADIOGRAPH_AUGMENTATION = dict(SEED_AUGMENTATION, min_scale=0.5, max_lighting=0.4)
+RADIOGRAPH_EXTRA = dict(collimation_p=0.5, collimation_max=0.15, gamma_p=0.5, max_gamma=1.6)
 
 
 @dataclass
@@ -51,6 +55,8 @@ class Recipe:
     batch_size: int = 16
     preprocessing: PreprocessSpec = field(default_factory=PreprocessSpec)
     augmentation: dict[str, Any] = field(default_factory=lambda: dict(SEED_AUGMENTATION))
+    # Training-only radiograph augmentations (training/augment.py); empty: none.
+    extra_augmentation: dict[str, float] = field(default_factory=dict)
     lr_find_iterations: int = 30
 
     def to_json(self) -> dict[str, Any]:
@@ -111,6 +117,9 @@ def choose_recipe(args: argparse.Namespace) -> Recipe:
             lr=1e-2,
             preprocessing=spec,
         )
+    if getattr(args, "augmentation", None) != "seed":
+        recipe.augmentation = dict(RADIOGRAPH_AUGMENTATION)
+        recipe.extra_augmentation = dict(RADIOGRAPH_EXTRA)
     if args.epochs is not None:
         recipe.epochs = args.epochs
     if args.lr is not None:
@@ -141,17 +150,29 @@ def build_dataloaders(
         aug_transforms,
     )
 
+    from training.augment import RandomCollimation, RandomGamma
+
     spec = recipe.preprocessing
     items = list(train) + list(valid)
     method = ResizeMethod.Crop if spec.resize_method == "crop" else ResizeMethod.Pad
+    extra = recipe.extra_augmentation
+    item_tfms: list[Any] = []
+    batch_extra: list[Any] = []
+    if extra.get("collimation_p"):
+        item_tfms.append(
+            RandomCollimation(p=extra["collimation_p"], max_fraction=extra["collimation_max"])
+        )
+    if extra.get("gamma_p"):
+        batch_extra.append(RandomGamma(p=extra["gamma_p"], max_gamma=extra["max_gamma"]))
     block = DataBlock(
         blocks=(ImageBlock, CategoryBlock(vocab=list(classes))),
         get_x=lambda item: cache.load(item.path),
         get_y=lambda item: item.label,
         splitter=IndexSplitter(list(range(len(train), len(items)))),
-        item_tfms=Resize(spec.resize, method=method, pad_mode=PadMode.Zeros),
+        item_tfms=[*item_tfms, Resize(spec.resize, method=method, pad_mode=PadMode.Zeros)],
         batch_tfms=[
             *aug_transforms(size=spec.size, **recipe.augmentation),
+            *batch_extra,
             Normalize.from_stats(list(spec.mean), list(spec.std)),
         ],
     )
@@ -455,10 +476,18 @@ def train_model(
         evaluation.update(extra_evaluation(out, cache))
     stress: dict[str, Any] | None = None
     if plots:  # the final model, not cross-validation folds
+        from training.review import border_attention, gradcam_sheet
         from training.stress import stress_evaluation
 
-        stress = stress_evaluation(out, dataset.split("val") + dataset.split("test"))
+        held_out = dataset.split("val") + dataset.split("test")
+        stress = stress_evaluation(out, held_out)
         evaluation["stress"] = stress["rows"]
+        # Where the model looks: sheets for a person, the border share as a figure.
+        gradcam_sheet(out, held_out, out / "gradcam_review.png", "Grad-CAM, validation + test")
+        if external:
+            gradcam_sheet(out, external, out / "gradcam_external.png", "Grad-CAM, external set")
+        attention = border_attention(out, held_out)
+        evaluation["border_attention"] = attention["rows"]
     served = np.array(
         [[r["probabilities"][c] for c in dataset.classes] for r in evaluation["valid"]]
     )
@@ -480,6 +509,9 @@ def train_model(
         metrics["stress_label_changes"] = stress["summary"]["label_changes"]
         metrics["stress_max_true_class_shift"] = stress["summary"]["max_true_class_shift"]
         metrics["stress_by_variant"] = stress["summary"]["by_variant"]
+        metrics["gradcam_border_share_mean"] = attention["mean_border_share"]
+        metrics["gradcam_border_share_max"] = attention["max_border_share"]
+        metrics["gradcam_border_area"] = attention["border_area"]
     card["metrics"] = metrics
     card = save_card_metrics(out, metrics)
     (out / "evaluation.json").write_text(
@@ -547,6 +579,38 @@ def cross_validate(
     return result
 
 
+def cross_validate_seeds(
+    dataset: Dataset, recipe: Recipe, folds: int, seeds: int, cache: ImageCache
+) -> dict[str, Any]:
+    """`cross_validate` repeated with seeds recipe.seed, recipe.seed + 1, ...: new folds and
+    a new training run each time, so one lucky split cannot make the figure."""
+    runs = []
+    for offset in range(seeds):
+        seed = recipe.seed + offset
+        if seeds > 1:
+            print(f"\ncross-validation with seed {seed} ({offset + 1}/{seeds})")
+        runs.append(cross_validate(dataset, replace(recipe, seed=seed), folds, cache))
+    by_seed = {str(run["seed"]): run["accuracy"] for run in runs}
+    total = sum(len(run["per_image"]) for run in runs)
+    correct = sum(sum(row["correct"] for row in run["per_image"]) for run in runs)
+    result = {
+        "folds": folds,
+        "seeds": [run["seed"] for run in runs],
+        "accuracy": round(correct / total, 6) if total else None,
+        "accuracy_by_seed": by_seed,
+        "misclassified": sorted(
+            {f"{path} (seed {run['seed']})" for run in runs for path in run["misclassified"]}
+        ),
+        "runs": runs,
+    }
+    if seeds > 1:
+        summary = ", ".join(
+            f"seed {seed}: {100 * (acc or 0):.1f}%" for seed, acc in by_seed.items()
+        )
+        print(f"\n{folds}-fold cross-validation over {seeds} seeds: {summary}")
+    return result
+
+
 def command(args: argparse.Namespace) -> int:
     """Entry point of `radgate train`."""
     out: Path = args.out
@@ -560,6 +624,8 @@ def command(args: argparse.Namespace) -> int:
         raise RadgateError(f"{args.weights}: weights file does not exist")
     if args.cv == 1 or args.cv < 0:
         raise RadgateError(f"--cv {args.cv}: need at least two folds")
+    if args.cv_seeds < 1:
+        raise RadgateError(f"--cv-seeds {args.cv_seeds}: must be at least 1")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -579,9 +645,14 @@ def command(args: argparse.Namespace) -> int:
     try:
         extra: dict[str, Any] = {}
         if args.cv:
-            cv = cross_validate(dataset, recipe, args.cv, cache)
+            cv = cross_validate_seeds(dataset, recipe, args.cv, args.cv_seeds, cache)
             (staging / "cross_validation.json").write_text(json.dumps(cv, indent=2) + "\n")
-            extra = {"cv_accuracy": cv["accuracy"], "cv_folds": args.cv}
+            extra = {
+                "cv_accuracy": cv["accuracy"],
+                "cv_accuracy_by_seed": cv["accuracy_by_seed"],
+                "cv_folds": args.cv,
+                "cv_misclassified": cv["misclassified"],
+            }
         card = train_model(dataset, recipe, staging, cache, external=external, extra_metrics=extra)
         if out.exists():
             shutil.rmtree(out)

@@ -153,17 +153,30 @@ def test_cross_validation_reports_accuracy_and_misclassified_files(
 ) -> None:
     out = tmp_path / "cv-model"
     code = main(["train", "--data", str(sample_data_dir), "--out", str(out),
-                 "--cv", "2", "--epochs", "1", "--size", "64"])  # fmt: skip
+                 "--cv", "2", "--cv-seeds", "2", "--epochs", "1", "--size", "64"])  # fmt: skip
     assert code == 0
     cv = json.loads((out / "cross_validation.json").read_text())
-    assert cv["folds"] == 2 and len(cv["per_image"]) == 77  # every labelled image held out once
-    assert {row["fold"] for row in cv["per_image"]} == {1, 2}
-    wrong = [row["file"] for row in cv["per_image"] if not row["correct"]]
-    assert cv["misclassified"] == wrong
-    assert cv["accuracy"] == pytest.approx(1 - len(wrong) / 77, abs=1e-6)
+    assert cv["folds"] == 2 and cv["seeds"] == [42, 43]
+    all_wrong = []
+    for run in cv["runs"]:
+        assert len(run["per_image"]) == 77  # every labelled image held out once per seed
+        assert {row["fold"] for row in run["per_image"]} == {1, 2}
+        wrong = [row["file"] for row in run["per_image"] if not row["correct"]]
+        assert run["misclassified"] == wrong
+        assert run["accuracy"] == pytest.approx(1 - len(wrong) / 77, abs=1e-6)
+        assert cv["accuracy_by_seed"][str(run["seed"])] == run["accuracy"]
+        all_wrong += [f"{path} (seed {run['seed']})" for path in wrong]
+    # Different seeds draw different folds.
+    folds_by_seed = [{row["file"]: row["fold"] for row in run["per_image"]} for run in cv["runs"]]
+    assert folds_by_seed[0] != folds_by_seed[1]
+    assert cv["misclassified"] == sorted(set(all_wrong))
+    assert cv["accuracy"] == pytest.approx(1 - len(all_wrong) / 154, abs=1e-6)
     card = json.loads((out / CARD_FILE).read_text())
     assert card["metrics"]["cv_accuracy"] == cv["accuracy"] and card["metrics"]["cv_folds"] == 2
-    assert "2-fold cross-validation accuracy" in capsys.readouterr().out
+    assert card["metrics"]["cv_accuracy_by_seed"] == cv["accuracy_by_seed"]
+    printed = capsys.readouterr().out
+    assert "2-fold cross-validation accuracy" in printed
+    assert "2-fold cross-validation over 2 seeds: seed 42:" in printed
 
 
 def test_bad_cv_argument_is_refused(
@@ -174,3 +187,20 @@ def test_bad_cv_argument_is_refused(
         == 2
     )
     assert "--cv 1: need at least two folds" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(sample_data_dir),
+                "--out",
+                str(tmp_path / "m"),
+                "--cv",
+                "3",
+                "--cv-seeds",
+                "0",
+            ]
+        )  # fmt: skip
+        == 2
+    )
+    assert "--cv-seeds 0: must be at least 1" in capsys.readouterr().err
