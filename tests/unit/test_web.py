@@ -505,3 +505,18 @@ def test_live_figures_count_only_since_the_start(site: Site) -> None:
     assert re.search(r'id="live-predictions">0<', page)
     everything = _client(site, metrics=metrics).get("/model?window=all", headers=_bearer()).text
     assert re.search(r'id="live-predictions">2<', everything)
+
+
+def test_the_demo_gives_an_open_dashboard_a_token_for_its_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.demo import _dashboard_token
+
+    monkeypatch.delenv(WEB_TOKEN_VARIABLE, raising=False)
+    token, environment = _dashboard_token(_config(tmp_path, token=None))
+    assert token is not None and len(token) == 32
+    assert environment[WEB_TOKEN_VARIABLE] == token
+    token, environment = _dashboard_token(_config(tmp_path))
+    assert token == TOKEN and WEB_TOKEN_VARIABLE not in environment
+    without = _config(tmp_path).model_copy(update={"web": None})
+    assert _dashboard_token(without)[0] is None
