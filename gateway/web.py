@@ -807,7 +807,10 @@ def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
             rows += _flatten(value, f"{prefix}.{key}" if prefix else str(key))
     elif isinstance(data, float):
         rows.append((prefix, round(data, 4)))
-    elif isinstance(data, list) and len(data) > 8:
+    elif isinstance(data, list) and (
+        len(data) > 8 or any(isinstance(item, dict | list) for item in data)
+    ):
+        # Per-image results and long curves belong to the plots and evaluation.json.
         rows.append((prefix, f"[{len(data)} values]"))
     else:
         rows.append((prefix, data))
