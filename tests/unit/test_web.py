@@ -8,6 +8,7 @@ with a pending job, and a study still being received.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
@@ -520,3 +521,15 @@ def test_the_demo_gives_an_open_dashboard_a_token_for_its_run(
     assert token == TOKEN and WEB_TOKEN_VARIABLE not in environment
     without = _config(tmp_path).model_copy(update={"web": None})
     assert _dashboard_token(without)[0] is None
+
+
+def test_radgate_web_without_a_web_section_says_what_is_missing(tmp_path: Path) -> None:
+    from gateway.cli import main
+
+    path = tmp_path / "config.yaml"
+    path.write_text("storage: {spool_dir: spool}\n")
+    with pytest.raises(WebError, match="no `web` section; add one"):
+        from gateway.web import command
+
+        command(argparse.Namespace(config=path))
+    assert main(["web", "--config", str(path)]) == 2
