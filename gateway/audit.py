@@ -180,21 +180,29 @@ def studies_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def study_export(config: Config, session: Session, study_uid: str) -> dict[str, Any] | None:
+    """`study_record` plus the study's audit events, oldest first; None if unknown."""
+    studies = _load_studies(session, 1, study_uid)
+    if not studies:
+        return None
+    record = study_record(config, studies[0])
+    events = session.scalars(
+        select(AuditEvent)
+        .where(AuditEvent.study_uid == study_uid)
+        .order_by(AuditEvent.at, AuditEvent.id)
+    )
+    record["audit_events"] = [
+        {"at": _time(event.at), "kind": event.kind, "detail": event.detail} for event in events
+    ]
+    return record
+
+
 def show_command(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     with open_sessions(config)() as session:
-        studies = _load_studies(session, 1, args.study_uid)
-        if not studies:
-            raise RadgateError(f"study {args.study_uid}: not found")
-        record = study_record(config, studies[0])
-        events = session.scalars(
-            select(AuditEvent)
-            .where(AuditEvent.study_uid == args.study_uid)
-            .order_by(AuditEvent.at, AuditEvent.id)
-        )
-        record["audit_events"] = [
-            {"at": _time(event.at), "kind": event.kind, "detail": event.detail} for event in events
-        ]
+        record = study_export(config, session, args.study_uid)
+    if record is None:
+        raise RadgateError(f"study {args.study_uid}: not found")
     print(json.dumps(record, indent=2))
     pngs = [o["png"] for o in record["outputs"] if o["png"]]
     if pngs:

@@ -111,6 +111,10 @@ def _add_gateway_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, default=Path("config.yaml"))
     p.set_defaults(handler=_lazy("gateway.service:command"))
 
+    p = sub.add_parser("web", help="run the audit dashboard alone (the `web` section)")
+    p.add_argument("--config", type=Path, default=Path("config.yaml"))
+    p.set_defaults(handler=_lazy("gateway.web:command"))
+
     p = sub.add_parser("demo", help="run the gateway on the sample radiographs, end to end")
     p.add_argument("--config", type=Path, default=Path("config.yaml"))
     p.add_argument("--data", type=Path, required=True, help="the sample data (train/ val/ test/)")

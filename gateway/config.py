@@ -42,6 +42,9 @@ CONFIG_REFERENCE = "docs/CONFIG.md"
 MODEL_LABELS = ("abd", "chest")
 SendKind = Literal["originals", "gradcam", "report"]
 SEND_KINDS: tuple[SendKind, ...] = ("originals", "gradcam", "report")
+# The dashboard token may come from the environment instead of the file (it wins).
+WEB_TOKEN_VARIABLE = "RADGATE_WEB_TOKEN"
+MIN_TOKEN_LENGTH = 16
 
 
 class ConfigError(RadgateError):
@@ -328,6 +331,26 @@ class Route(_Section):
     ] = list(SEND_KINDS)
 
 
+class WebConfig(_Section):
+    host: Host = "127.0.0.1"
+    port: Port = 8080
+    # Better given in the environment (WEB_TOKEN_VARIABLE) than written here.
+    token: str | None = None
+    # Predictions below this top-class probability count as low confidence.
+    low_confidence_below: Probability = 0.9
+    page_size: Annotated[StrictInt, Field(ge=1, le=500)] = 25
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: str | None) -> str | None:
+        if value is not None and len(value.strip()) < MIN_TOKEN_LENGTH:
+            raise ValueError(
+                f"a token of {len(value.strip())} characters is too easy to guess; expected at"
+                f" least {MIN_TOKEN_LENGTH} (e.g. the output of `openssl rand -hex 16`)"
+            )
+        return value.strip() if value is not None else None
+
+
 class Config(_Section):
     ae: AEConfig = AEConfig()
     storage: StorageConfig = StorageConfig()
@@ -337,6 +360,8 @@ class Config(_Section):
     outputs: OutputsConfig = OutputsConfig()
     destinations: list[Destination] = []
     routes: list[Route] = []
+    # The audit dashboard; absent: `radgate serve` runs without it.
+    web: WebConfig | None = None
 
     @model_validator(mode="after")
     def _references(self) -> Config:

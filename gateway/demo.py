@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -25,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway.audit import list_studies, studies_command
-from gateway.config import Config, Destination, load_config
+from gateway.config import WEB_TOKEN_VARIABLE, Config, Destination, load_config
+from gateway.web import web_token
 from inference.errors import RadgateError
 
 START_TIMEOUT_S = 120.0
@@ -207,6 +209,37 @@ def _settled(records: list[dict[str, Any]], study_uids: set[str]) -> tuple[bool,
     )
 
 
+def _dashboard_token(config: Config) -> tuple[str | None, dict[str, str]]:
+    """The dashboard's token and the gateway's environment.
+
+    A configuration without a token gets one made for this run (given to the gateway as
+    RADGATE_WEB_TOKEN), so the demo shows the dashboard as it is meant to be used.
+    """
+    environment = dict(os.environ)
+    if config.web is None:
+        return None, environment
+    token = web_token(config)
+    if token is None:
+        token = secrets.token_hex(16)
+        environment[WEB_TOKEN_VARIABLE] = token
+    return token, environment
+
+
+def _print_dashboard(
+    config: Config, config_path: Path, token: str | None, *, running: bool
+) -> None:
+    if config.web is None:
+        print("\nNo dashboard: add a `web` section to the configuration (docs/CONFIG.md).")
+        return
+    url = f"http://{config.web.host}:{config.web.port}/"
+    print(f"\nDashboard: {url}  token: {token}")
+    if not running:
+        print(
+            "  the gateway has stopped; to browse the demo's studies run\n"
+            f"  {WEB_TOKEN_VARIABLE}={token} radgate web --config {config_path}"
+        )
+
+
 def command(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     model_card = Path(config.model.dir) / "model.json"
@@ -227,6 +260,7 @@ def command(args: argparse.Namespace) -> int:
         f"[demo] {len(files)} sample instances in {len(study_uids)} studies written to {samples_dir}"
     )
 
+    dashboard_token, environment = _dashboard_token(config)
     with contextlib.ExitStack() as stack:
         for destination in config.destinations:
             print(
@@ -238,6 +272,7 @@ def command(args: argparse.Namespace) -> int:
                 [sys.executable, "-m", "gateway.cli", "serve", "--config", str(args.config)],
                 stdout=handle,
                 stderr=subprocess.STDOUT,
+                env=environment,
             )
         stack.callback(_stop, gateway)
         _wait_for_port(config.ae.host, config.ae.port, gateway, "radgate serve", gateway_log)
@@ -276,6 +311,7 @@ def command(args: argparse.Namespace) -> int:
         print(
             f"\nEverything recorded for one study: radgate show --config {args.config} {records[0]['study_uid'] if records else 'STUDY_UID'}"
         )
+        _print_dashboard(config, args.config, dashboard_token, running=args.keep_running)
         if args.keep_running:
             print("[demo] gateway and destination keep running; Ctrl-C stops them")
             with contextlib.suppress(KeyboardInterrupt):

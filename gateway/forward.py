@@ -86,6 +86,7 @@ from db.models import (
 )
 from db.session import make_engine, migrate, session_factory
 from gateway.config import Config, Destination, load_config
+from gateway.metrics import GatewayMetrics
 from inference.errors import RadgateError
 
 log = logging.getLogger(__name__)
@@ -489,9 +490,16 @@ def _iso(moment: datetime | None) -> str | None:
 class Forwarder:
     """Delivers due forward jobs; one instance per worker thread or process."""
 
-    def __init__(self, config: Config, sessions: sessionmaker[Session]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        sessions: sessionmaker[Session],
+        *,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
         self.config = config
         self.sessions = sessions
+        self.metrics = metrics
 
     # ------------------------------------------------------------------ claiming
 
@@ -751,6 +759,12 @@ class Forwarder:
             session.add(
                 AuditEvent(at=moment, kind=FORWARD_EVENT, study_uid=study.study_uid, detail=detail)
             )
+            if self.metrics is not None:
+                self.metrics.forward_attempt(
+                    job.destination,
+                    outcome,
+                    study.first_received_at if job.state is ForwardJobState.DELIVERED else None,
+                )
             level = logging.INFO if job.state is not ForwardJobState.DEAD else logging.WARNING
             log.log(
                 level,
@@ -787,6 +801,7 @@ def requeue_dead(
     study_uid: str | None = None,
     destination: str | None = None,
     now: datetime | None = None,
+    reason: str = "radgate retry",
 ) -> list[Requeued]:
     """Dead jobs (of one study and/or destination, or all) back to pending, due now, with
     attempts and the permanent flag cleared (last error kept until the next attempt);
@@ -831,7 +846,7 @@ def requeue_dead(
                         "destination": job.destination,
                         "previous_attempts": requeued[-1].attempts,
                         "previous_error": requeued[-1].last_error,
-                        "reason": "radgate retry",
+                        "reason": reason,
                     },
                 )
             )

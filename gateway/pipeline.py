@@ -41,6 +41,7 @@ from db.work import claim_study, fail_study, finish_study, new_worker_id
 from gateway import outputs
 from gateway.config import Config
 from gateway.gate import GateResult, body_part_mismatch, evaluate
+from gateway.metrics import GatewayMetrics
 from gateway.spool import Spool
 from inference.classifier import Classifier
 from inference.errors import UndecodablePixels
@@ -88,8 +89,10 @@ class Pipeline:
         worker_id: str | None = None,
         on_processed: Callable[[Session, int], None] | None = None,
         spool: Spool | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics
         self.sessions = sessions
         self.classifier = classifier
         self.worker_id = worker_id or new_worker_id()
@@ -418,6 +421,24 @@ class Pipeline:
         self._classify(items, started)
         written, failures = self._write_outputs(study_uid, items)
         self._record(study_id, study_uid, items, written, failures)
+        self._count(items)
+
+    def _count(self, items: Sequence[InstanceWork]) -> None:
+        """Metrics of a recorded study: predictions and rejections."""
+        if self.metrics is None:
+            return
+        for item in items:
+            if item.prediction:
+                self.metrics.classified(
+                    item.prediction["label"],
+                    item.prediction["top_probability"],
+                    item.prediction["inference_ms"],
+                    item.prediction["gradcam_ms"],
+                    body_part_mismatch=item.prediction["body_part_mismatch"],
+                )
+            else:
+                gate = item.gate or GateResult(False, ("not processed",))
+                self.metrics.rejected(gate.reasons)
 
 
 def _audit(
@@ -442,7 +463,11 @@ def _stop_worker(worker: Any) -> None:
 
 
 def make_processor(
-    config: Config, sessions: sessionmaker[Session], spool: Any, worker_id: str
+    config: Config,
+    sessions: sessionmaker[Session],
+    spool: Any,
+    worker_id: str,
+    metrics: GatewayMetrics | None = None,
 ) -> Any:
     """What `radgate serve` runs: the pipeline, with routing and forwarding behind it.
 
@@ -456,7 +481,7 @@ def make_processor(
     from gateway.service import Processor
 
     classifier = load_classifier(config)
-    forwarder = Forwarder(config, sessions)
+    forwarder = Forwarder(config, sessions, metrics=metrics)
     requeued = forwarder.requeue_in_progress()
     rerouted = route_unrouted(sessions, config)
     if requeued or rerouted:
@@ -472,7 +497,13 @@ def make_processor(
             delivery.wake()
 
     pipeline = Pipeline(
-        config, sessions, classifier, worker_id=worker_id, on_processed=routed, spool=spool
+        config,
+        sessions,
+        classifier,
+        worker_id=worker_id,
+        on_processed=routed,
+        spool=spool,
+        metrics=metrics,
     )
     delivery.start()
     return Processor(

@@ -85,6 +85,10 @@ class ProcessingWorker:
     def wake(self) -> None:
         self._wake.set()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping.is_set()
+
     def _run(self) -> None:
         while not self._stopping.is_set():
             self._wake.wait(self.idle_interval_s)
@@ -148,6 +152,12 @@ class GatewayScheduler:
             # Studies left ready by an earlier run are processed without waiting.
             self.worker.wake()
         self._scheduler.start()
+
+    @property
+    def running(self) -> bool:
+        """The periodic jobs run, and so does the processing worker when there is one."""
+        worker_alive = self.worker is None or self.worker.alive
+        return bool(self._scheduler.running) and worker_alive
 
     def shutdown(self, timeout_s: float) -> bool:
         """Stop the jobs, then let processing finish within `timeout_s`; False if it did not."""

@@ -68,6 +68,7 @@ from db.work import (
     record_rejected_association,
 )
 from gateway.config import AEConfig
+from gateway.metrics import GatewayMetrics
 from gateway.spool import Spool, SpoolError, SpoolFull
 
 log = logging.getLogger(__name__)
@@ -330,11 +331,13 @@ class ReceiverContext:
         sessions: sessionmaker[Session],
         min_free_mb: int,
         clock: Callable[[], float] = time.monotonic,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.spool = spool
         self.sessions = sessions
         self.min_free_mb = min_free_mb
         self.clock = clock
+        self.metrics = metrics
         self.stats = ReceiverStats()
         self._lock = threading.Lock()
         self._open: dict[Association, AssociationRecord] = {}
@@ -533,12 +536,23 @@ def _close(
 def on_store(event: evt.Event, context: ReceiverContext) -> int:
     """Store one instance durably and record it; returns the C-STORE status."""
     record = context.track(event.assoc)
+    started = time.perf_counter()
+    duplicates = record.duplicates
     status = _store(event, context, record)
     if status == STATUS_SUCCESS:
         record.stored += 1
     else:
         record.refused += 1
         context.count(refused=1)
+    if context.metrics is not None:
+        if status == STATUS_SUCCESS:
+            context.metrics.stored(
+                record.calling_aet,
+                time.perf_counter() - started,
+                duplicate=record.duplicates > duplicates,
+            )
+        else:
+            context.metrics.refused(status)
     return status
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import logging
 import signal
 import threading
@@ -35,9 +36,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.session import make_engine, migrate, session_factory
 from db.work import abort_open_associations, claim_study, new_worker_id, reset_processing
 from gateway.config import Config, load_config
+from gateway.metrics import GatewayMetrics
 from gateway.scheduler import DEFAULT_SWEEP_INTERVAL_S, GatewayScheduler, ProcessReady
 from gateway.scp import ReceiverContext, build_ae, start_server
 from gateway.spool import Spool
+from gateway.web import Dashboard, DashboardServer, web_token
 from inference.errors import RadgateError
 
 log = logging.getLogger(__name__)
@@ -57,11 +60,17 @@ class Processor:
     close: Callable[[], None] | None = None
 
 
-ProcessorFactory = Callable[[Config, sessionmaker[Session], Spool, str], "Processor | None"]
+# Called as factory(config, sessions, spool, worker_id), plus metrics=GatewayMetrics when
+# the factory has a `metrics` parameter.
+ProcessorFactory = Callable[..., "Processor | None"]
 
 
 def pipeline_processor(
-    config: Config, sessions: sessionmaker[Session], spool: Spool, worker_id: str
+    config: Config,
+    sessions: sessionmaker[Session],
+    spool: Spool,
+    worker_id: str,
+    metrics: GatewayMetrics | None = None,
 ) -> Processor | None:
     """The default processor, from ``gateway.pipeline``; None while that module is absent.
 
@@ -82,7 +91,9 @@ def pipeline_processor(
         return None
     make_processor = getattr(module, "make_processor", None)
     if make_processor is not None:
-        processor: Processor | None = make_processor(config, sessions, spool, worker_id)
+        processor: Processor | None = make_processor(
+            config, sessions, spool, worker_id, metrics=metrics
+        )
         return processor
     classifier = module.load_classifier(config)
     pipeline = module.Pipeline(config, sessions, classifier, worker_id=worker_id)
@@ -127,9 +138,12 @@ class Service:
         processor_factory: ProcessorFactory | None = pipeline_processor,
         port: int | None = None,
         sweep_interval_s: float = DEFAULT_SWEEP_INTERVAL_S,
+        metrics: GatewayMetrics | None = None,
+        dashboard: bool = True,
     ) -> None:
         """`port` overrides `ae.port` (0: any free port, see `port` after `start`);
-        `processor_factory` None runs the receiver and the sweep only."""
+        `processor_factory` None runs the receiver and the sweep only; `dashboard`
+        False leaves the `web` section unused."""
         if config.ae.tls is not None:
             raise ServiceError(
                 "ae.tls: DICOM TLS is not supported by this version of radgate serve;"
@@ -140,6 +154,11 @@ class Service:
         self.processor_factory = processor_factory
         self._requested_port = config.ae.port if port is None else port
         self.sweep_interval_s = sweep_interval_s
+        self.metrics = metrics if metrics is not None else GatewayMetrics()
+        # Checked before anything starts: a dashboard that may not run stops the start.
+        self.web_token = web_token(config) if dashboard and config.web is not None else None
+        self.dashboard_enabled = dashboard and config.web is not None
+        self.dashboard: DashboardServer | None = None
         self.engine: Engine | None = None
         self.sessions: sessionmaker[Session] | None = None
         self.spool: Spool | None = None
@@ -167,11 +186,19 @@ class Service:
         self._recover(self.sessions)
 
         if self.processor_factory is not None:
+            options: dict[str, Any] = {}
+            # Factories that count predictions and deliveries take the registry; the
+            # simpler ones (tests, receive-only) do not have to.
+            if "metrics" in inspect.signature(self.processor_factory).parameters:
+                options["metrics"] = self.metrics
             self.processor = self.processor_factory(
-                config, self.sessions, self.spool, self.worker_id
+                config, self.sessions, self.spool, self.worker_id, **options
             )
         self.receiver = ReceiverContext(
-            spool=self.spool, sessions=self.sessions, min_free_mb=config.storage.min_free_mb
+            spool=self.spool,
+            sessions=self.sessions,
+            min_free_mb=config.storage.min_free_mb,
+            metrics=self.metrics,
         )
         self._ae = build_ae(config.ae)
         self._server = start_server(self._ae, config.ae.host, self._requested_port, self.receiver)
@@ -182,8 +209,28 @@ class Service:
             sweep_interval_s=self.sweep_interval_s,
         )
         self.scheduler.start()
+        self.metrics.watch_queues(self.sessions)
+        if self.dashboard_enabled:
+            assert config.web is not None
+            self.dashboard = DashboardServer(
+                Dashboard(
+                    config,
+                    self.engine,
+                    metrics=self.metrics,
+                    token=self.web_token,
+                    gateway=self,
+                )
+            ).start()
         log.info("%s", self.describe())
         return self
+
+    @property
+    def model_loaded(self) -> bool:
+        return self.processor is not None
+
+    @property
+    def scheduler_running(self) -> bool:
+        return self.scheduler is not None and self.scheduler.running
 
     def describe(self) -> str:
         """The start line: AE title, address, and what processes the studies."""
@@ -194,9 +241,10 @@ class Service:
                 f"model {self.processor.model_id or 'unknown'}"
                 f" on {self.processor.device or 'unknown device'}"
             )
+        dashboard = f"; dashboard {self.dashboard.url}" if self.dashboard is not None else ""
         return (
             f"radgate serving AE {self.config.ae.title} on {self.config.ae.host}:{self.port};"
-            f" {processing}"
+            f" {processing}{dashboard}"
         )
 
     def _recover(self, sessions: sessionmaker[Session]) -> None:
@@ -223,6 +271,8 @@ class Service:
         self._stopped = True
         deadline = time.monotonic() + timeout_s
         clean = True
+        if self.dashboard is not None:
+            self.dashboard.stop()
         if self._server is not None:
             # Closes the listening socket; open associations carry on.
             self._server.shutdown()

@@ -170,7 +170,7 @@ def test_unknown_keys_are_refused_by_name() -> None:
         "ae.titel: unknown key; expected one of: title, host, port, allowed_calling_aets,"
         " max_pdu, max_associations, network_timeout_s, acse_timeout_s, dimse_timeout_s, tls",
         "extra_section: unknown key; expected one of: ae, storage, model, gate, study, outputs,"
-        " destinations, routes",
+        " destinations, routes, web",
     ]
 
 
