@@ -40,16 +40,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument(
         "--preprocessing",
-        choices=["robust", "seed"],
+        choices=["robust", "trim", "seed"],
         default=None,
-        help="seed: the notebook's pipeline (default); robust: percentile window + border trim",
+        help="seed: the notebook's pipeline (default); trim: the seed's plus flat-border"
+        " (collimation) trim; robust: percentile window + border trim",
     )
     p.add_argument(
         "--augmentation",
         choices=["radiograph", "seed"],
         default=None,
-        help="radiograph: the seed's plus collimation borders, gamma, stronger lighting and"
-        " zoom (default); seed: the notebook's aug_transforms only",
+        help="seed: the notebook's aug_transforms (default); radiograph: the seed's plus"
+        " collimation borders, gamma, stronger lighting and zoom",
     )
     p.add_argument("--weights", type=Path, default=None, help="ImageNet state dict to fine-tune")
     p.add_argument("--cv", type=int, default=0, metavar="K", help="K-fold cross-validation")

@@ -15,13 +15,23 @@ import torch
 
 from inference.preprocess import PreprocessSpec, model_tensor, prepare, read_pixels, to_uint8_rgb
 from training.data import ImageCache, scan_dataset
-from training.train import Recipe, build_dataloaders
+from training.train import (
+    RADIOGRAPH_AUGMENTATION,
+    RADIOGRAPH_EXTRA,
+    Recipe,
+    build_dataloaders,
+)
 
 
-def _fastai_valid_tensors(data: Path, spec: PreprocessSpec) -> tuple[list, torch.Tensor]:
+def _fastai_valid_tensors(
+    data: Path, spec: PreprocessSpec, radiograph_augmentation: bool = False
+) -> tuple[list, torch.Tensor]:
     dataset = scan_dataset(data)
     cache = ImageCache(spec)
     recipe = Recipe(preprocessing=spec)
+    if radiograph_augmentation:
+        recipe.augmentation = dict(RADIOGRAPH_AUGMENTATION)
+        recipe.extra_augmentation = dict(RADIOGRAPH_EXTRA)
     dls = build_dataloaders(
         dataset.split("train"), dataset.split("val"), dataset.classes, cache, recipe
     )
@@ -36,8 +46,9 @@ def _fastai_valid_tensors(data: Path, spec: PreprocessSpec) -> tuple[list, torch
         PreprocessSpec(intensity="percentile", resize_method="pad"),
         PreprocessSpec(size=64, resize=131),
         PreprocessSpec(intensity="percentile", trim_borders=True),
+        PreprocessSpec(trim_borders=True),
     ],
-    ids=["seed-crop", "percentile-pad", "small", "robust"],
+    ids=["seed-crop", "percentile-pad", "small", "robust", "trim"],
 )
 def test_serving_geometry_matches_fastai_validation(
     sample_data_dir: Path, spec: PreprocessSpec
@@ -46,6 +57,14 @@ def test_serving_geometry_matches_fastai_validation(
     ours = torch.stack([prepare(item.path, spec).tensor for item in items])
     assert ours.shape == fastai_batch.shape == (len(items), 3, spec.size, spec.size)
     # Float rounding only: one 8-bit grey level is 1/255/0.225 = 0.017 in normalised units.
+    assert float((ours - fastai_batch).abs().max()) < 1e-4
+
+
+def test_radiograph_augmentations_never_reach_validation(sample_data_dir: Path) -> None:
+    # Collimation and gamma are training-only: validation still equals the serving path.
+    spec = PreprocessSpec()
+    items, fastai_batch = _fastai_valid_tensors(sample_data_dir, spec, radiograph_augmentation=True)
+    ours = torch.stack([prepare(item.path, spec).tensor for item in items])
     assert float((ours - fastai_batch).abs().max()) < 1e-4
 
 
