@@ -390,6 +390,11 @@ def on_connection_open(event: evt.Event, context: ReceiverContext) -> None:
     `DUL_POLL_INTERVAL_S` instead of pynetdicom's 1 ms: each C-STORE waits for that
     poll twice (request in, response out). pynetdicom has no public setting for it;
     on a version without the attribute this assignment does nothing.
+
+    And the network timeout on the socket itself: an accepted socket is blocking
+    without one (Python does not pass the listening socket's timeout on), so a peer
+    that stops half way through a PDU would hold its thread and its place among
+    `ae.max_associations` for as long as it keeps the connection open.
     """
     event.assoc.dul._run_loop_delay = DUL_POLL_INTERVAL_S
     transport = event.assoc.dul.socket
@@ -399,6 +404,7 @@ def on_connection_open(event: evt.Event, context: ReceiverContext) -> None:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as error:
             log.debug("TCP_NODELAY not set: %s", error)
+        raw.settimeout(event.assoc.network_timeout)
 
 
 def on_accepted(event: evt.Event, context: ReceiverContext) -> None:
