@@ -7,6 +7,7 @@ model where no processing is needed); senders are DCMTK, pynetdicom and raw sock
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import shutil
 import socket
@@ -63,6 +64,7 @@ ServeGateway = Callable[..., GatewayProcess]
 SUCCESS = "Success"
 # How deep the hostile sequence nests: far past Python's recursion limit.
 NESTING_DEPTH = 5000
+MIB = 1024 * 1024
 
 
 # --- item 8: malformed files -----------------------------------------------------------
@@ -334,23 +336,72 @@ def _closed_by_peer(sock: socket.socket, timeout_s: float) -> bool:
     return False
 
 
-def test_oversized_association_request_is_not_allocated_and_times_out(
+def _stream(raw: socket.socket, header: bytes, total_mib: int) -> None:
+    """Send `header`, then up to `total_mib` MiB of zeros, until the gateway closes."""
+    chunk = b"\0" * MIB
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        raw.sendall(header)
+        for _ in range(total_mib):
+            raw.sendall(chunk)
+
+
+def test_oversized_association_request_is_dropped_without_buffering_it(
     serve_gateway: ServeGateway, tmp_path: Path
 ) -> None:
     setup = gateway_config(tmp_path / "gw", ae={"network_timeout_s": 2, "acse_timeout_s": 2})
     gateway = serve_gateway(setup)
     before = _rss_kib(gateway.process.pid)
     with socket.create_connection((HOST, gateway.port)) as raw:
-        # A-ASSOCIATE-RQ announcing 4 GiB - 1, then 1 MiB of it, then nothing.
-        raw.sendall(struct.pack(">BBL", 0x01, 0x00, 0xFFFFFFFF) + b"\0" * (1 << 20))
-        # Meanwhile other senders are served.
+        raw.settimeout(30)
+        # An A-ASSOCIATE-RQ announcing 4 GiB - 1 bytes, and a sender that keeps going.
+        _stream(raw, struct.pack(">BBL", 0x01, 0x00, 0xFFFFFFFF), total_mib=256)
+        assert _closed_by_peer(raw, timeout_s=30), "the oversized request was never dropped"
+    grown_mib = (_rss_kib(gateway.process.pid) - before) / 1024
+    assert grown_mib < 64, f"peak memory grew by {grown_mib:.0f} MiB"
+    # Meanwhile, and after, other senders are served.
+    assert send_files(gateway.port, [write_dx(tmp_path / "in")]) == [STATUS_SUCCESS]
+    assert gateway.alive() and echoscu(gateway.port).returncode == 0
+    assert len(gateway.instances()) == 1
+
+
+def test_stalled_association_request_times_out_while_others_are_served(
+    serve_gateway: ServeGateway, tmp_path: Path
+) -> None:
+    setup = gateway_config(tmp_path / "gw", ae={"network_timeout_s": 2, "acse_timeout_s": 2})
+    gateway = serve_gateway(setup)
+    with socket.create_connection((HOST, gateway.port)) as raw:
+        # A plausible A-ASSOCIATE-RQ length, 100 bytes of it, then nothing.
+        raw.sendall(struct.pack(">BBL", 0x01, 0x00, 4000) + b"\0" * 100)
         assert send_files(gateway.port, [write_dx(tmp_path / "in")]) == [STATUS_SUCCESS]
         assert echoscu(gateway.port).returncode == 0
         assert _closed_by_peer(raw, timeout_s=30), "the stalled connection was never dropped"
-    grown_mib = (_rss_kib(gateway.process.pid) - before) / 1024
-    assert grown_mib < 256, f"peak memory grew by {grown_mib:.0f} MiB for a 1 MiB request"
     assert gateway.alive() and echoscu(gateway.port).returncode == 0
     assert len(gateway.instances()) == 1
+
+
+def test_data_pdu_longer_than_the_maximum_is_dropped_without_buffering_it(
+    serve_gateway: ServeGateway, tmp_path: Path
+) -> None:
+    setup = gateway_config(tmp_path / "gw", ae={"max_pdu": 16384, "network_timeout_s": 2})
+    gateway = serve_gateway(setup)
+    before = _rss_kib(gateway.process.pid)
+    assoc = scu("FLOODER").associate(HOST, gateway.port, ae_title=CALLED_AET)
+    assert assoc.is_established
+    try:
+        raw = assoc.dul.socket.socket
+        _stream(raw, struct.pack(">BBL", 0x04, 0x00, 1 << 30), total_mib=256)
+        wait_until(lambda: assoc.is_aborted, timeout_s=20)
+    finally:
+        assoc.abort()
+    grown_mib = (_rss_kib(gateway.process.pid) - before) / 1024
+    assert grown_mib < 64, f"peak memory grew by {grown_mib:.0f} MiB"
+    # Senders that keep to the maximum (128 KiB images in 16 KiB PDUs) are served.
+    image = write_dx(tmp_path / "in", "a.dcm", rows=256, columns=256)
+    assert send_files(gateway.port, [image]) == [STATUS_SUCCESS]
+    other = write_dx(tmp_path / "in", "b.dcm", rows=256, columns=256)
+    assert storescu(gateway.port, [other]).statuses == [SUCCESS]
+    assert gateway.alive() and echoscu(gateway.port).returncode == 0
+    assert len(gateway.instances()) == 2
 
 
 def test_sender_stalling_mid_pdu_is_dropped_and_nothing_is_kept(
