@@ -434,10 +434,15 @@ class _PduLengthGuard:
     def __init__(self, recv: Callable[[int], bytearray], max_pdu: int) -> None:
         self._recv = recv
         self._max_pdu = max_pdu
+        # Reads alternate: a header, then the body it announced (a 6-byte body is
+        # not a header).
+        self._body_next = False
 
     def __call__(self, nr_bytes: int) -> bytearray:
         data = self._recv(nr_bytes)
-        if nr_bytes == PDU_HEADER_LENGTH and len(data) == PDU_HEADER_LENGTH:
+        is_header = not self._body_next and nr_bytes == PDU_HEADER_LENGTH
+        self._body_next = is_header and len(data) == PDU_HEADER_LENGTH
+        if self._body_next:
             pdu_type, _, length = struct.unpack(">BBL", data)
             limit = self._max_pdu if pdu_type == P_DATA_TF_TYPE else MAX_CONTROL_PDU_LENGTH
             if limit and length > limit:
