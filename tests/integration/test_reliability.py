@@ -316,14 +316,12 @@ def test_a_duplicate_sop_instance_uid_is_kept_once_recorded_once_forwarded_once(
     assert send_files(gateway.port, [different]) == [STATUS_SUCCESS]
 
     # Nothing reopens the study or sends it again (several sweep and forward rounds).
-    assert stays(
-        lambda: (
-            gateway.study(study_uid) is not None
-            and gateway.study(study_uid).state is StudyState.PROCESSED  # type: ignore[union-attr]
-            and destination.total() == 1
-        ),
-        duration_s=4,
-    )
+    def processed_and_sent_once() -> bool:
+        study = gateway.study(study_uid)
+        processed = study is not None and study.state is StudyState.PROCESSED
+        return processed and destination.total() == 1
+
+    assert stays(processed_and_sent_once, duration_s=4)
     assert destination.received == Counter({sop_uid: 1})
     (row,) = gateway.instances()
     assert dataset_bytes(gateway.spool_dir / row.spool_path) == dataset_bytes(first)

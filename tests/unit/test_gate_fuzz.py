@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -20,6 +22,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
     JPEG2000,
+    UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -91,7 +94,7 @@ def datasets(draw: st.DrawFn) -> tuple[Dataset, str]:
     ds.PatientName = draw(st.sampled_from(NAMES))
     photometric = draw(st.sampled_from(["MONOCHROME2", "MONOCHROME1", "RGB"]))
     bits_allocated = draw(st.sampled_from([8, 16]))
-    values: dict[str, object] = {
+    values: dict[str, Any] = {
         "Modality": draw(st.sampled_from(["DX", "CR"])),
         "BodyPartExamined": draw(st.sampled_from([None, "CHEST", "ABDOMEN"])),
         "Rows": draw(st.integers(32, 72)),
@@ -112,10 +115,10 @@ def datasets(draw: st.DrawFn) -> tuple[Dataset, str]:
         ds.HighBit = max(0, int(ds.BitsStored) - 1)
     if values["SamplesPerPixel"] == 3:
         ds.PlanarConfiguration = draw(st.sampled_from([0, 1]))
-    rows = int(values["Rows"] or 0)  # type: ignore[call-overload]
-    columns = int(values["Columns"] or 0)  # type: ignore[call-overload]
-    samples = int(values["SamplesPerPixel"] or 1)  # type: ignore[call-overload]
-    bits_allocated = int(values["BitsAllocated"] or 8)  # type: ignore[call-overload]
+    rows = int(values["Rows"] or 0)
+    columns = int(values["Columns"] or 0)
+    samples = int(values["SamplesPerPixel"] or 1)
+    bits_allocated = int(values["BitsAllocated"] or 8)
     if draw(st.booleans()):
         ds.WindowCenter = draw(st.floats(-5000, 5000, allow_nan=False))
         ds.WindowWidth = draw(st.floats(-10, 10000, allow_nan=False))
@@ -160,9 +163,9 @@ def datasets(draw: st.DrawFn) -> tuple[Dataset, str]:
 
 def _encode(ds: Dataset, syntax: str) -> bytes:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DX_SOP_CLASS
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = syntax
+    meta.MediaStorageSOPClassUID = UID(DX_SOP_CLASS)
+    meta.MediaStorageSOPInstanceUID = UID(ds.SOPInstanceUID)
+    meta.TransferSyntaxUID = UID(syntax)
     ds.file_meta = meta
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
@@ -171,7 +174,9 @@ def _encode(ds: Dataset, syntax: str) -> bytes:
 
 @FUZZ_SETTINGS
 @given(case=datasets())
-def test_any_header_gets_a_gate_result(tmp_path_factory, case: tuple[Dataset, str]) -> None:  # type: ignore[no-untyped-def]
+def test_any_header_gets_a_gate_result(
+    tmp_path_factory: pytest.TempPathFactory, case: tuple[Dataset, str]
+) -> None:
     ds, syntax = case
     path = Path(tmp_path_factory.mktemp("fuzz")) / "instance.dcm"
     try:
@@ -213,7 +218,9 @@ def damaged_files(draw: st.DrawFn) -> bytes:
 
 @FUZZ_SETTINGS
 @given(data=damaged_files())
-def test_any_damaged_file_gets_a_gate_result(tmp_path_factory, data: bytes) -> None:  # type: ignore[no-untyped-def]
+def test_any_damaged_file_gets_a_gate_result(
+    tmp_path_factory: pytest.TempPathFactory, data: bytes
+) -> None:
     path = Path(tmp_path_factory.mktemp("fuzz")) / "damaged.dcm"
     path.write_bytes(data)
     _dataset, result = read_and_gate(path, GATE, SPEC)
