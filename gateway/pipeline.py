@@ -39,7 +39,7 @@ from db.models import (
 )
 from db.work import claim_study, fail_study, finish_study, new_worker_id
 from gateway import outputs
-from gateway.config import Config
+from gateway.config import Config, GateConfig
 from gateway.gate import GateResult, body_part_mismatch, evaluate
 from gateway.metrics import GatewayMetrics
 from gateway.spool import Spool
@@ -47,7 +47,7 @@ from inference.classifier import Classifier
 from inference.errors import UndecodablePixels
 from inference.gradcam import gradcam, upsample_to
 from inference.overlay import png_bytes, render_overlay
-from inference.preprocess import Prepared, prepare
+from inference.preprocess import Prepared, PreprocessSpec, prepare
 
 log = logging.getLogger(__name__)
 
@@ -147,17 +147,10 @@ class Pipeline:
             ]
             return study.study_uid, work
 
-    def _read(self, item: InstanceWork) -> None:
-        path = self.spool_root / item.spool_path
-        try:
-            item.dataset = pydicom.dcmread(path)
-        except (OSError, pydicom.errors.InvalidDicomError, ValueError, EOFError) as error:
-            item.gate = GateResult(False, (UndecodablePixels(f"{error}").reason,))
-
-    def _gate(self, item: InstanceWork) -> None:
-        if item.gate is not None or item.dataset is None:
-            return
-        item.gate = evaluate(item.dataset, self.config.gate, lambda ds: prepare(ds, self.spec))
+    def _read_and_gate(self, item: InstanceWork) -> None:
+        item.dataset, item.gate = read_and_gate(
+            self.spool_root / item.spool_path, self.config.gate, self.spec
+        )
 
     def _classify(self, items: Sequence[InstanceWork], started: float) -> None:
         passed = [item for item in items if item.gate and item.gate.passed]
@@ -416,8 +409,7 @@ class Pipeline:
         started = time.time()
         study_uid, items = self._load_work(study_id)
         for item in items:
-            self._read(item)
-            self._gate(item)
+            self._read_and_gate(item)
         self._classify(items, started)
         written, failures = self._write_outputs(study_uid, items)
         self._record(study_id, study_uid, items, written, failures)
@@ -439,6 +431,25 @@ class Pipeline:
             else:
                 gate = item.gate or GateResult(False, ("not processed",))
                 self.metrics.rejected(gate.reasons)
+
+
+def read_and_gate(
+    path: Path, gate: GateConfig, spec: PreprocessSpec
+) -> tuple[Dataset | None, GateResult]:
+    """Read a stored instance and run the gate on it (decoding its pixels if the
+    metadata passes): what the pipeline does to each instance before inference.
+
+    A file that cannot be read is a rejection with a reason, not an error: whatever a
+    sender managed to get stored, the study it belongs to is still processed.
+    """
+    try:
+        dataset = pydicom.dcmread(path)
+    except Exception as error:
+        # A damaged file makes pydicom's parser fail in many ways (OSError, EOFError,
+        # BytesLengthException, struct.error, KeyError, ...): all mean the same here.
+        detail = f"{type(error).__name__}: {error}"
+        return None, GateResult(False, (UndecodablePixels(detail).reason,))
+    return dataset, evaluate(dataset, gate, partial(prepare, spec=spec))
 
 
 def _audit(

@@ -114,6 +114,13 @@ ACCEPTED_TRANSFER_SYNTAXES: list[str] = [
 # answers sooner and costs CPU only while an association is open.
 DUL_POLL_INTERVAL_S = 0.0002
 
+# PDUs (PS3.8 9.3): a 6-byte header (type, reserved, 4-byte length), then the body.
+PDU_HEADER_LENGTH = 6
+P_DATA_TF_TYPE = 0x04
+# Association, release and abort PDUs carry names and negotiation items: a few KiB,
+# even with every storage SOP class proposed. A longer one is not a DICOM peer.
+MAX_CONTROL_PDU_LENGTH = 1024 * 1024
+
 # DICOM UI values are at most 64 characters (PS3.5 6.2).
 UID_MAX_LENGTH = 64
 # Column widths of the optional header fields recorded (db.models): longer values are
@@ -330,12 +337,15 @@ class ReceiverContext:
         spool: Spool,
         sessions: sessionmaker[Session],
         min_free_mb: int,
+        max_pdu: int = 0,
         clock: Callable[[], float] = time.monotonic,
         metrics: GatewayMetrics | None = None,
     ) -> None:
         self.spool = spool
         self.sessions = sessions
         self.min_free_mb = min_free_mb
+        # `ae.max_pdu`: a P-DATA-TF PDU announcing more is dropped unread (0: no limit).
+        self.max_pdu = max_pdu
         self.clock = clock
         self.metrics = metrics
         self.stats = ReceiverStats()
@@ -390,15 +400,60 @@ def on_connection_open(event: evt.Event, context: ReceiverContext) -> None:
     `DUL_POLL_INTERVAL_S` instead of pynetdicom's 1 ms: each C-STORE waits for that
     poll twice (request in, response out). pynetdicom has no public setting for it;
     on a version without the attribute this assignment does nothing.
+
+    And the network timeout on the socket itself: an accepted socket is blocking
+    without one (Python does not pass the listening socket's timeout on), so a peer
+    that stops half way through a PDU would hold its thread and its place among
+    `ae.max_associations` for as long as it keeps the connection open. Last, PDU
+    lengths are checked before a body is read (`_PduLengthGuard`).
     """
     event.assoc.dul._run_loop_delay = DUL_POLL_INTERVAL_S
     transport = event.assoc.dul.socket
+    if transport is None:
+        return
+    # pynetdicom reads every PDU through this method; no public hook sees the header.
+    transport.recv = _PduLengthGuard(transport.recv, context.max_pdu)  # type: ignore[method-assign]
     raw = getattr(transport, "socket", None)
     if raw is not None:
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as error:
             log.debug("TCP_NODELAY not set: %s", error)
+        raw.settimeout(event.assoc.network_timeout)
+
+
+class _PduLengthGuard:
+    """Wraps a connection's `recv` so that a PDU announcing more than radgate accepts
+    ends the connection before its body is read.
+
+    pynetdicom reads a PDU's 6-byte header, then its whole body into memory, however
+    long the header says it is: a peer announcing 4 GiB and streaming would be
+    buffered. An OSError here is what pynetdicom treats as a closed connection.
+    """
+
+    def __init__(self, recv: Callable[[int], bytearray], max_pdu: int) -> None:
+        self._recv = recv
+        self._max_pdu = max_pdu
+        # Reads alternate: a header, then the body it announced (a 6-byte body is
+        # not a header).
+        self._body_next = False
+
+    def __call__(self, nr_bytes: int) -> bytearray:
+        data = self._recv(nr_bytes)
+        is_header = not self._body_next and nr_bytes == PDU_HEADER_LENGTH
+        self._body_next = is_header and len(data) == PDU_HEADER_LENGTH
+        if self._body_next:
+            pdu_type, _, length = struct.unpack(">BBL", data)
+            limit = self._max_pdu if pdu_type == P_DATA_TF_TYPE else MAX_CONTROL_PDU_LENGTH
+            if limit and length > limit:
+                log.warning(
+                    "connection dropped: PDU type 0x%02X announces %d bytes; at most %d accepted",
+                    pdu_type,
+                    length,
+                    limit,
+                )
+                raise OSError(f"PDU of {length} bytes exceeds the limit of {limit}")
+        return data
 
 
 def on_accepted(event: evt.Event, context: ReceiverContext) -> None:

@@ -199,6 +199,7 @@ class Service:
             sessions=self.sessions,
             min_free_mb=config.storage.min_free_mb,
             metrics=self.metrics,
+            max_pdu=config.ae.max_pdu,
         )
         self._ae = build_ae(config.ae)
         self._server = start_server(self._ae, config.ae.host, self._requested_port, self.receiver)

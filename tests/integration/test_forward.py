@@ -15,6 +15,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -439,6 +440,8 @@ class StoreSCP:
     answer: Callable[[str, str, int], int] = lambda sop_class, uid, number: STATUS_SUCCESS
     delay_s: float = 0.0
     on_store: Callable[[int], None] | None = None
+    # Abort the association on receiving this request (counted from 1), once.
+    abort_at: int | None = None
 
 
 @pytest.fixture
@@ -474,6 +477,8 @@ def store_scp() -> Iterator[Callable[..., StoreSCP]]:
                 number = len(scp.received)
             if scp.on_store is not None:
                 scp.on_store(number)
+            if scp.abort_at == number:
+                event.assoc.abort()
             if scp.delay_s:
                 time.sleep(scp.delay_s)
             return scp.answer(sop_class, sop_instance, number)
@@ -748,6 +753,22 @@ def test_an_abort_during_a_store_is_retried(
     assert (job.state, job.attempts, job.permanent_failure) == (ForwardJobState.PENDING, 1, False)
     assert job.last_error is not None and "aborted" in job.last_error
     assert env.delivered(job.id) == {}
+
+
+def test_an_abort_mid_job_resends_only_what_was_not_confirmed(
+    gateway: Callable[..., Gateway], store_scp: Callable[..., StoreSCP]
+) -> None:
+    scp = store_scp(abort_at=3)
+    env = gateway(destination(scp.port, max_attempts=5))
+    study = env.add_study(instances=2)
+    job = env.run_until([ForwardJobState.DELIVERED])
+    assert job.attempts == 2
+    received = Counter(uid for _, uid in scp.received)
+    assert set(received) == study.uids
+    # The two confirmed before the abort are not sent again; the one in flight when the
+    # association was aborted (no response) is, once; every other exactly once.
+    assert sorted(received.values()) == [1] * (len(study.uids) - 1) + [2]
+    assert set(env.delivered(job.id)) == study.uids
 
 
 def test_no_response_within_the_timeout_is_retried(
