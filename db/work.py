@@ -57,6 +57,12 @@ from db.models import (
 # failed rather than handed out again.
 DEFAULT_MAX_CLAIMS = 3
 
+# Audit event kinds and the IHE ATNA (DICOM PS3.15 A.5) event ids their details carry.
+ASSOCIATION_EVENT = "association"
+SECURITY_EVENT = "security"
+ATNA_INSTANCES_TRANSFERRED = "110104"
+ATNA_SECURITY_ALERT = "110113"
+
 
 @dataclass(frozen=True)
 class ReceivedInstance:
@@ -189,9 +195,10 @@ def record_rejected_association(
         session.flush()
         _add_audit_event(
             session,
-            "security",
+            SECURITY_EVENT,
             {
                 "event": "association rejected",
+                "atna_event_id": ATNA_SECURITY_ALERT,
                 "association_id": association.id,
                 "calling_aet": calling_aet,
                 "called_aet": called_aet,
@@ -245,7 +252,38 @@ def close_association(
             session.execute(
                 update(Study).where(Study.id.in_(study_ids)).values(released_at=released_at)
             )
+        _audit_associations(session, [association_id], moment)
         return study_ids
+
+
+def _audit_associations(session: Session, association_ids: list[int], moment: datetime) -> None:
+    """One `association` audit event per ended association (ATNA 110104, DICOM Instances
+    Transferred, as the receiving side): peer, instances and outcome."""
+    rows = session.execute(
+        select(Association)
+        .where(Association.id.in_(association_ids))
+        .order_by(Association.id)
+        .execution_options(populate_existing=True)
+    ).scalars()
+    for association in rows:
+        _add_audit_event(
+            session,
+            ASSOCIATION_EVENT,
+            {
+                "event": "association ended",
+                "atna_event_id": ATNA_INSTANCES_TRANSFERRED,
+                "association_id": association.id,
+                "calling_aet": association.calling_aet,
+                "called_aet": association.called_aet,
+                "peer_host": association.peer_host,
+                "peer_port": association.peer_port,
+                "instances": association.instances_received,
+                "outcome": None if association.outcome is None else association.outcome.value,
+                "reason": association.reason,
+                "started_at": association.started_at.isoformat(timespec="milliseconds"),
+            },
+            now=moment,
+        )
 
 
 def abort_open_associations(
@@ -276,6 +314,7 @@ def abort_open_associations(
             AssociationStudy.association_id.in_(open_ids)
         )
         session.execute(update(Study).where(Study.id.in_(delivered_to)).values(released_at=None))
+        _audit_associations(session, open_ids, moment)
         return open_ids
 
 

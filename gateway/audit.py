@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -209,4 +209,99 @@ def show_command(args: argparse.Namespace) -> int:
         print("\nGrad-CAM images:")
         for png in pngs:
             print(f"  {png}")
+    return 0
+
+
+# --- radgate audit -----------------------------------------------------------------------
+
+
+def audit_record(event: AuditEvent) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "at": _time(event.at),
+        "kind": event.kind,
+        "study_uid": event.study_uid,
+        "detail": event.detail,
+    }
+
+
+def list_audit_events(
+    config: Config,
+    *,
+    kinds: list[str] | None = None,
+    since: datetime | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """Audit events, newest first: `kinds` and `since` narrow them down."""
+    query = select(AuditEvent)
+    if kinds:
+        query = query.where(AuditEvent.kind.in_(kinds))
+    if since is not None:
+        query = query.where(AuditEvent.at >= since)
+    query = query.order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(limit)
+    with open_sessions(config)() as session:
+        return [audit_record(event) for event in session.scalars(query)]
+
+
+def _peer(detail: dict[str, Any]) -> str:
+    host = detail.get("peer_host") or "?"
+    port = detail.get("peer_port")
+    return f"{host}:{port}" if port else str(host)
+
+
+def audit_summary(record: dict[str, Any]) -> str:
+    """One line per event: what happened, with whom, how it ended."""
+    detail = record["detail"] or {}
+    kind = record["kind"]
+    if kind == "association":
+        text = (
+            f"{detail.get('calling_aet')} at {_peer(detail)} -> {detail.get('called_aet')}:"
+            f" {detail.get('outcome')}, {detail.get('instances', 0)} instance(s)"
+        )
+        reason = detail.get("reason")
+        if reason and reason != detail.get("outcome"):
+            text += f" ({reason})"
+    elif kind == "security":
+        caller = f"{detail['calling_aet']} at " if detail.get("calling_aet") else ""
+        text = f"{detail.get('event', 'refused')}: {caller}{_peer(detail)}: {detail.get('reason')}"
+    elif kind == "forward":
+        text = (
+            f"-> {detail.get('destination')} ({detail.get('called_aet')} at"
+            f" {detail.get('host')}:{detail.get('port')}) attempt {detail.get('attempt')}:"
+            f" {detail.get('outcome')}, {detail.get('instances_sent', 0)} instance(s) sent"
+        )
+        if detail.get("error"):
+            text += f": {detail['error']}"
+    else:
+        text = str(detail.get("event") or json.dumps(detail, sort_keys=True))
+        if detail.get("error"):
+            text += f": {detail['error']}"
+    study = f"  study {_short(record['study_uid'])}" if record["study_uid"] else ""
+    return f"{record['at']}  {kind:<11} {text}{study}"
+
+
+def _since(value: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise RadgateError(
+            f"--since {value!r} is not a date or time; expected ISO 8601, e.g."
+            " 2026-01-31 or 2026-01-31T08:00:00+00:00"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def audit_command(args: argparse.Namespace) -> int:
+    """`radgate audit`: associations, security refusals, forwards and the other events."""
+    config = load_config(args.config)
+    since = _since(args.since) if args.since else None
+    records = list_audit_events(config, kinds=args.kind, since=since, limit=args.limit)
+    if args.json:
+        print(json.dumps({"events": records}, indent=2))
+        return 0
+    if not records:
+        print("no audit events")
+        return 0
+    for record in records:
+        print(audit_summary(record))
     return 0

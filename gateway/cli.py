@@ -139,6 +139,22 @@ def _add_gateway_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("study_uid")
     p.set_defaults(handler=_lazy("gateway.audit:show_command"))
 
+    p = sub.add_parser(
+        "audit", help="audit log: associations, security refusals, forwards, decisions"
+    )
+    p.add_argument("--config", type=Path, default=Path("config.yaml"))
+    p.add_argument(
+        "--kind",
+        action="append",
+        default=None,
+        metavar="KIND",
+        help="only this kind (association, security, forward, decision, ...); repeatable",
+    )
+    p.add_argument("--since", default=None, help="only events at or after this ISO 8601 time")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_lazy("gateway.audit:audit_command"))
+
     p = sub.add_parser("route", help="dry run: which routes match a stored study and why")
     p.add_argument("--config", type=Path, default=Path("config.yaml"))
     p.add_argument("study_uid")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import ipaddress
 import re
 import types
 import typing
@@ -156,19 +157,80 @@ class _Section(BaseModel):
 # --- sections ----------------------------------------------------------------------------
 
 
+def _network(value: str) -> str:
+    # An address or a CIDR network; host names are refused: what a name resolves to
+    # changes, and a check on it would be only as trustworthy as the DNS.
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not an IP address or network; expected e.g. 10.1.2.3,"
+            " 10.1.2.0/24 or fd00::/64 (host names are not accepted)"
+        ) from None
+
+
+Network = Annotated[str, AfterValidator(_network)]
+
+
 class TLSConfig(_Section):
     cert_file: Path
     key_file: Path
-    # CA bundle to verify calling peers' certificates; with it, peers must present one.
+    # CA bundle to verify calling peers' certificates.
     ca_file: Path | None = None
+    # Callers must present a certificate `ca_file` signed; false: a certificate is
+    # checked when presented, and a caller without one is let in.
+    require_client_cert: StrictBool = True
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> TLSConfig:
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError(
+                "require_client_cert is true but ca_file is not set; expected"
+                " the CA bundle that signed the callers' certificates, or"
+                " require_client_cert: false"
+            )
+        return self
+
+
+class AllowedPeer(_Section):
+    """A calling AE title and the addresses it may call from."""
+
+    ae_title: AETitle
+    hosts: Annotated[list[Network], Field(min_length=1), AfterValidator(_unique)]
+
+
+class DestinationTLS(_Section):
+    # CA bundle that signed the destination's certificate; default: the system's CAs.
+    ca_file: Path | None = None
+    # radgate's own certificate and key, for destinations that require one.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # The name (or IP address) the destination's certificate must carry; default: host.
+    server_name: str | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> DestinationTLS:
+        if (self.cert_file is None) != (self.key_file is None):
+            given, missing = (
+                ("cert_file", "key_file") if self.key_file is None else ("key_file", "cert_file")
+            )
+            raise ValueError(
+                f"{given} is set but {missing} is not; expected both (a client"
+                " certificate and its key) or neither"
+            )
+        return self
 
 
 class AEConfig(_Section):
     title: AETitle = "RADGATE"
     host: Host = "127.0.0.1"
     port: Port = 11112
-    # Empty: any calling AE title may associate.
+    # Empty (and no allowed_peers): any calling AE title may associate.
     allowed_calling_aets: Annotated[list[AETitle], AfterValidator(_unique)] = []
+    # Calling AE titles allowed only from the listed addresses.
+    allowed_peers: list[AllowedPeer] = []
+    # Refuse associations whose called AE title is not `title`.
+    require_called_aet: StrictBool = False
     # Maximum PDU size we receive; 0 means unlimited.
     max_pdu: Annotated[StrictInt, Field(ge=0)] = 0
     max_associations: Annotated[StrictInt, Field(ge=1)] = 10
@@ -176,6 +238,31 @@ class AEConfig(_Section):
     acse_timeout_s: Seconds = 30
     dimse_timeout_s: Seconds = 60
     tls: TLSConfig | None = None
+
+    @model_validator(mode="after")
+    def _peers(self) -> AEConfig:
+        problems = []
+        titles = [peer.ae_title for peer in self.allowed_peers]
+        for index, title in enumerate(titles):
+            if title in titles[:index]:
+                problems.append(
+                    f"allowed_peers[{index}].ae_title: {title!r} is already listed in"
+                    f" allowed_peers[{titles.index(title)}]; expected each AE title once"
+                    " (list all its hosts together)"
+                )
+            elif title in self.allowed_calling_aets:
+                problems.append(
+                    f"allowed_peers[{index}].ae_title: {title!r} is also in"
+                    " allowed_calling_aets, which allows it from any address; expected it"
+                    " in one of the two"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def allowed_callers(self) -> list[str]:
+        """Every calling AE title allowed; empty when any may call."""
+        return [*self.allowed_calling_aets, *(peer.ae_title for peer in self.allowed_peers)]
 
 
 class StorageConfig(_Section):
@@ -251,6 +338,8 @@ class Destination(_Section):
         600,
     ]
     timeout_s: Seconds = 30
+    # DICOM over TLS to this destination.
+    tls: DestinationTLS | None = None
 
     def backoff_for(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number `attempt` (1-based)."""
@@ -485,9 +574,23 @@ def resolve_paths(config: Config, base_dir: Path) -> Config:
                 "ca_file": absolute(tls.ca_file) if tls.ca_file is not None else None,
             }
         )
+    destinations = []
+    for destination in config.destinations:
+        if destination.tls is not None:
+            files = ("ca_file", "cert_file", "key_file")
+            resolved = {
+                name: absolute(getattr(destination.tls, name))
+                for name in files
+                if getattr(destination.tls, name) is not None
+            }
+            destination = destination.model_copy(
+                update={"tls": destination.tls.model_copy(update=resolved)}
+            )
+        destinations.append(destination)
     return config.model_copy(
         update={
             "ae": config.ae.model_copy(update={"tls": tls}),
+            "destinations": destinations,
             "storage": config.storage.model_copy(
                 update={
                     "spool_dir": absolute(config.storage.spool_dir),
@@ -618,7 +721,7 @@ def lint_routes(config: Config, labels: Collection[str] = MODEL_LABELS) -> list[
     warnings = []
     known_labels = {label.lower() for label in labels}
     gate_modalities = set(config.gate.modalities)
-    allowed_callers = set(config.ae.allowed_calling_aets)
+    allowed_callers = set(config.ae.allowed_callers())
     otherwise_routes = [r.name for r in config.routes if r.when.otherwise]
     catch_all = [r.name for r in config.routes if not r.when.otherwise and not r.when.conditions()]
 
@@ -662,7 +765,8 @@ def lint_routes(config: Config, labels: Collection[str] = MODEL_LABELS) -> list[
             if not reachable:
                 warnings.append(
                     f"{where}: never matches: calling_aet {', '.join(when.calling_aet)} is not"
-                    " in ae.allowed_calling_aets, so those callers are refused"
+                    " in ae.allowed_calling_aets or ae.allowed_peers, so those callers are"
+                    " refused"
                 )
         if "gradcam" in route.send and not config.outputs.gradcam:
             warnings.append(f"{where}: sends gradcam but outputs.gradcam is off")

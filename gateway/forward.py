@@ -87,6 +87,7 @@ from db.models import (
 from db.session import make_engine, migrate, session_factory
 from gateway.config import Config, Destination, load_config
 from gateway.metrics import GatewayMetrics
+from gateway.security import TLSSetupError, client_tls_context
 from inference.errors import RadgateError
 
 log = logging.getLogger(__name__)
@@ -317,11 +318,18 @@ class _Sender:
     def _open(self, contexts: list[PresentationContext]) -> Association:
         destination = self.destination
         connected: list[bool] = []
+        tls_args = None
+        if destination.tls is not None:
+            try:
+                tls_args = client_tls_context(destination)
+            except TLSSetupError as error:
+                raise AttemptFailed(str(error)) from None
         assoc = self._ae().associate(
             destination.host,
             destination.port,
             contexts=contexts,
             ae_title=destination.ae_title,
+            tls_args=tls_args,
             evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))],
         )
         if assoc.is_established:
@@ -330,6 +338,13 @@ class _Sender:
         if assoc.is_rejected:
             text, permanent = _rejection_text(assoc, destination)
             raise AttemptFailed(text, permanent=permanent)
+        if not connected and tls_args is not None:
+            raise AttemptFailed(
+                f"cannot connect to {where} over TLS (refused, unreachable, no answer within"
+                f" {destination.timeout_s:g} s, or the TLS handshake failed: is the"
+                f" certificate of {tls_args[1]} signed by the CA in the destination's tls"
+                " section, and does the destination accept radgate's certificate?)"
+            )
         if not connected:
             raise AttemptFailed(
                 f"cannot connect to {where} (refused, unreachable or no answer within"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -69,6 +70,12 @@ from db.work import (
 )
 from gateway.config import AEConfig
 from gateway.metrics import GatewayMetrics
+from gateway.security import (
+    PeerPolicy,
+    record_security_alert,
+    refusal_reason,
+    start_gateway_server,
+)
 from gateway.spool import Spool, SpoolError, SpoolFull
 
 log = logging.getLogger(__name__)
@@ -493,7 +500,7 @@ def on_rejected(event: evt.Event, context: ReceiverContext) -> None:
     context.forget(event.assoc)
     context.count(rejected_associations=1)
     primitive = event.assoc.acceptor.primitive
-    reason = getattr(primitive, "reason_str", None) or "rejected"
+    reason = refusal_reason(event.assoc) or getattr(primitive, "reason_str", None) or "rejected"
     log.warning(
         "association from calling AE %r at %s:%s rejected: %s",
         record.calling_aet,
@@ -757,7 +764,9 @@ def build_ae(config: AEConfig) -> AE:
     ae.network_timeout = config.network_timeout_s
     ae.acse_timeout = config.acse_timeout_s
     ae.dimse_timeout = config.dimse_timeout_s
-    ae.require_calling_aet = list(config.allowed_calling_aets)
+    # The titles of ae.allowed_peers too: gateway.security checks their addresses.
+    ae.require_calling_aet = config.allowed_callers()
+    ae.require_called_aet = config.require_called_aet
     ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     for context in StoragePresentationContexts:
         if context.abstract_syntax is not None:
@@ -789,12 +798,38 @@ def event_handlers(context: ReceiverContext) -> list[Any]:
 
 
 def start_server(
-    ae: AE, host: str, port: int, context: ReceiverContext
+    ae: AE,
+    host: str,
+    port: int,
+    context: ReceiverContext,
+    *,
+    tls_context: ssl.SSLContext | None = None,
+    peer_policy: PeerPolicy | None = None,
 ) -> ThreadedAssociationServer:
-    """Listen on (host, port) in background threads; port 0 picks a free one."""
-    server = ae.start_server((host, port), block=False, evt_handlers=event_handlers(context))
-    if server is None:
-        raise RuntimeError("pynetdicom returned no server for a non-blocking start")
+    """Listen on (host, port) in background threads; port 0 picks a free one.
+
+    With `tls_context`, only DICOM over TLS; `peer_policy` rejects callers from
+    addresses their AE title is not allowed from (see gateway.security).
+    """
+
+    def on_tls_failure(peer_host: str, peer_port: int | None, reason: str) -> None:
+        context.count(rejected_associations=1)
+        record_security_alert(
+            context.sessions,
+            "connection refused",
+            peer_host=peer_host,
+            peer_port=peer_port,
+            reason=reason,
+        )
+
+    server = start_gateway_server(
+        ae,
+        (host, port),
+        event_handlers(context),
+        peer_policy=peer_policy or PeerPolicy({}),
+        tls_context=tls_context,
+        on_tls_failure=on_tls_failure,
+    )
     if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
         # pynetdicom's standard handlers describe every PDU and DIMSE message for its
         # debug log, and copy each received data set to see whether it is empty: work

@@ -21,6 +21,7 @@ import importlib
 import inspect
 import logging
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from gateway.config import Config, load_config
 from gateway.metrics import GatewayMetrics
 from gateway.scheduler import DEFAULT_SWEEP_INTERVAL_S, GatewayScheduler, ProcessReady
 from gateway.scp import ReceiverContext, build_ae, start_server
+from gateway.security import PeerPolicy, TLSSetupError, client_tls_context, server_tls_context
 from gateway.spool import Spool
 from gateway.web import Dashboard, DashboardServer, web_token
 from inference.errors import RadgateError
@@ -144,11 +146,6 @@ class Service:
         """`port` overrides `ae.port` (0: any free port, see `port` after `start`);
         `processor_factory` None runs the receiver and the sweep only; `dashboard`
         False leaves the `web` section unused."""
-        if config.ae.tls is not None:
-            raise ServiceError(
-                "ae.tls: DICOM TLS is not supported by this version of radgate serve;"
-                " remove the ae.tls section or terminate TLS in front of the gateway"
-            )
         self.config = config
         self.worker_id = new_worker_id()
         self.processor_factory = processor_factory
@@ -178,6 +175,8 @@ class Service:
 
     def start(self) -> Service:
         config = self.config
+        # Certificates and keys are checked before anything starts.
+        tls_context = self._tls_contexts()
         self.engine = make_engine(config.storage.database_url, config.storage.busy_timeout_ms)
         migrate(self.engine)
         self.sessions = session_factory(self.engine)
@@ -202,7 +201,14 @@ class Service:
             max_pdu=config.ae.max_pdu,
         )
         self._ae = build_ae(config.ae)
-        self._server = start_server(self._ae, config.ae.host, self._requested_port, self.receiver)
+        self._server = start_server(
+            self._ae,
+            config.ae.host,
+            self._requested_port,
+            self.receiver,
+            tls_context=tls_context,
+            peer_policy=PeerPolicy.from_config(config.ae),
+        )
         self.scheduler = GatewayScheduler(
             self.sessions,
             config.study,
@@ -233,6 +239,18 @@ class Service:
     def scheduler_running(self) -> bool:
         return self.scheduler is not None and self.scheduler.running
 
+    def _tls_contexts(self) -> ssl.SSLContext | None:
+        """The receiving context (None without `ae.tls`); each TLS destination's context is
+        built once here too, so that a bad file stops the start instead of every send."""
+        try:
+            for destination in self.config.destinations:
+                if destination.tls is not None:
+                    client_tls_context(destination)
+            tls = self.config.ae.tls
+            return None if tls is None else server_tls_context(tls)
+        except TLSSetupError as error:
+            raise ServiceError(str(error)) from None
+
     def describe(self) -> str:
         """The start line: AE title, address, and what processes the studies."""
         if self.processor is None:
@@ -243,9 +261,10 @@ class Service:
                 f" on {self.processor.device or 'unknown device'}"
             )
         dashboard = f"; dashboard {self.dashboard.url}" if self.dashboard is not None else ""
+        transport = " (DICOM TLS only)" if self.config.ae.tls is not None else ""
         return (
-            f"radgate serving AE {self.config.ae.title} on {self.config.ae.host}:{self.port};"
-            f" {processing}{dashboard}"
+            f"radgate serving AE {self.config.ae.title} on {self.config.ae.host}:{self.port}"
+            f"{transport}; {processing}{dashboard}"
         )
 
     def _recover(self, sessions: sessionmaker[Session]) -> None:

@@ -29,6 +29,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -106,8 +107,10 @@ def wait_for_dicom(
     *,
     called_aet: str = "ANY-SCP",
     alive: Callable[[], bool] | None = None,
+    tls_args: tuple[ssl.SSLContext, str] | None = None,
 ) -> None:
     """Block until a DICOM node on (host, port) answers a C-ECHO; fail after `timeout_s`.
+    `tls_args` (pynetdicom's: context and server name) for a node that speaks TLS.
 
     Prefer this to `wait_for_port` for DICOM servers: a bare TCP connect that never
     sends an A-ASSOCIATE-RQ keeps a pynetdicom acceptor busy until its ACSE timeout.
@@ -124,7 +127,7 @@ def wait_for_dicom(
         level = pynetdicom_log.level
         pynetdicom_log.setLevel(logging.CRITICAL)
         try:
-            assoc = ae.associate(host, port, ae_title=called_aet)
+            assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args)
         finally:
             pynetdicom_log.setLevel(level)
         if assoc.is_established:
@@ -443,7 +446,8 @@ class GatewayProcess(GatewayHandle):
 
 @pytest.fixture
 def serve_gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
-    """Start gateway processes: ``serve_gateway(setup, receive_only=True, fsize_limit=None)``.
+    """Start gateway processes: ``serve_gateway(setup, receive_only=True, fsize_limit=None)``;
+    `tls_args` (pynetdicom's) to check that one with `ae.tls` answers.
 
     `receive_only=False` runs the real ``radgate serve`` (the model in the config must
     exist). `fsize_limit` (bytes) runs it under RLIMIT_FSIZE, like ``ulimit -f``.
@@ -456,6 +460,7 @@ def serve_gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
         receive_only: bool = True,
         fsize_limit: int | None = None,
         start_timeout_s: float = PROCESS_START_TIMEOUT_S,
+        tls_args: tuple[ssl.SSLContext, str] | None = None,
     ) -> GatewayProcess:
         if receive_only:
             command = [sys.executable, "-c", _RECEIVE_ONLY_LAUNCHER, str(setup.path)]
@@ -484,6 +489,7 @@ def serve_gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
                 start_timeout_s,
                 called_aet=setup.config.ae.title,
                 alive=gateway.alive,
+                tls_args=tls_args,
             )
         except AssertionError as error:
             raise AssertionError(f"{error}\n--- gateway log ---\n{gateway.log()}") from None
