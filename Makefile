@@ -22,14 +22,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-# DICOM peers and validators used by the demo and the tests, and the headless browser
-# the dashboard tests drive (Debian packages).
+# DICOM peers and validators used by the demo and the tests, the headless browser the
+# dashboard tests drive, and openssl for the tests' TLS certificates (Debian packages).
 system-deps:
 	@if ! command -v storescu >/dev/null || ! command -v dciodvfy >/dev/null || ! command -v Orthanc >/dev/null \
-	    || ! test -x /usr/bin/chromium || ! test -x /usr/bin/chromedriver; then \
-	  echo "installing dcmtk, orthanc, dicom3tools, chromium, chromium-driver"; \
+	    || ! test -x /usr/bin/chromium || ! test -x /usr/bin/chromedriver || ! command -v openssl >/dev/null; then \
+	  echo "installing dcmtk, orthanc, dicom3tools, chromium, chromium-driver, openssl"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    dcmtk orthanc dicom3tools chromium chromium-driver >/dev/null; \
+	    dcmtk orthanc dicom3tools chromium chromium-driver openssl >/dev/null; \
 	fi
 
 $(MODEL)/model.json: | venv

@@ -129,6 +129,53 @@ def test_invalid_ports(port: Any) -> None:
         ({"ae": {"dimse_timeout_s": "slow"}}, "ae.dimse_timeout_s", "valid number"),
         ({"ae": {"host": "my host"}}, "ae.host", "host name or IP"),
         ({"ae": {"tls": {"cert_file": "c.pem"}}}, "ae.tls.key_file", "required key is missing"),
+        (
+            {"ae": {"tls": {"cert_file": "c.pem", "key_file": "k.pem"}}},
+            "ae.tls",
+            "require_client_cert is true but ca_file is not set",
+        ),
+        ({"ae": {"require_called_aet": "yes"}}, "ae.require_called_aet", "valid boolean"),
+        (
+            {"ae": {"allowed_peers": [{"ae_title": "CR1", "hosts": ["ct-room.lan"]}]}},
+            "ae.allowed_peers[0].hosts[0]",
+            "'ct-room.lan' is not an IP address or network",
+        ),
+        (
+            {"ae": {"allowed_peers": [{"ae_title": "CR1", "hosts": []}]}},
+            "ae.allowed_peers[0].hosts",
+            "at least 1 item",
+        ),
+        (
+            {
+                "ae": {
+                    "allowed_peers": [
+                        {"ae_title": "CR1", "hosts": ["10.0.0.1"]},
+                        {"ae_title": "CR1", "hosts": ["10.0.0.2"]},
+                    ]
+                }
+            },
+            "ae",
+            "allowed_peers[1].ae_title: 'CR1' is already listed in allowed_peers[0]",
+        ),
+        (
+            {
+                "ae": {
+                    "allowed_calling_aets": ["CR1"],
+                    "allowed_peers": [{"ae_title": "CR1", "hosts": ["10.0.0.1"]}],
+                }
+            },
+            "ae",
+            "'CR1' is also in allowed_calling_aets",
+        ),
+        (
+            {
+                "destinations": [
+                    {"name": "d", "ae_title": "D", "host": "h", "port": 1, "tls": {"key_file": "k"}}
+                ]
+            },
+            "destinations[0].tls",
+            "key_file is set but cert_file is not",
+        ),
         ({"storage": {"database_url": "not a url"}}, "storage.database_url", "sqlite:///"),
         ({"storage": {"min_free_mb": -5}}, "storage.min_free_mb", "greater than or equal to 0"),
         ({"storage": {"busy_timeout_ms": 1.5}}, "storage.busy_timeout_ms", "valid integer"),
@@ -168,7 +215,8 @@ def test_unknown_keys_are_refused_by_name() -> None:
     found = problems({"ae": {"titel": "X"}, "extra_section": {}})
     assert found == [
         "ae.titel: unknown key; expected one of: title, host, port, allowed_calling_aets,"
-        " max_pdu, max_associations, network_timeout_s, acse_timeout_s, dimse_timeout_s, tls",
+        " allowed_peers, require_called_aet, max_pdu, max_associations, network_timeout_s,"
+        " acse_timeout_s, dimse_timeout_s, tls",
         "extra_section: unknown key; expected one of: ae, storage, model, gate, study, outputs,"
         " destinations, routes, web",
     ]
@@ -418,6 +466,43 @@ def test_relative_paths_are_resolved_against_the_config_folder(
     assert config.ae.tls.ca_file == tmp_path / "etc" / "ca.pem"
 
 
+def test_destination_tls_paths_are_taken_from_the_config_folder(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        destinations:
+          - name: archive
+            ae_title: ARCHIVE
+            host: 10.0.0.7
+            port: 2762
+            tls: {ca_file: tls/ca.pem, cert_file: /secure/radgate.pem, key_file: tls/radgate.key}
+        routes:
+          - {name: all, when: {}, forward_to: [archive]}
+        """,
+    )
+    tls = load_config(path).destinations[0].tls
+    assert tls is not None
+    assert tls.ca_file == tmp_path / "tls" / "ca.pem"
+    assert tls.cert_file == Path("/secure/radgate.pem")
+    assert tls.key_file == tmp_path / "tls" / "radgate.key"
+    assert tls.server_name is None
+
+
+def test_allowed_peers_normalise_addresses_and_count_as_allowed_callers() -> None:
+    config = parse_config(
+        {
+            "ae": {
+                "allowed_calling_aets": ["DX1"],
+                "allowed_peers": [{"ae_title": " CR1 ", "hosts": ["10.1.2.77/24", " fd00::1 "]}],
+                "tls": {"cert_file": "c.pem", "key_file": "k.pem", "require_client_cert": False},
+            }
+        }
+    )
+    assert config.ae.allowed_peers[0].ae_title == "CR1"
+    assert config.ae.allowed_peers[0].hosts == ["10.1.2.0/24", "fd00::1/128"]
+    assert config.ae.allowed_callers() == ["DX1", "CR1"]
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -492,6 +577,17 @@ def test_lint_calling_aet_that_is_refused() -> None:
     )
     assert (
         len(warnings) == 1 and "calling_aet WARD is not in ae.allowed_calling_aets" in warnings[0]
+    )
+    # A title allowed from some addresses only can still call.
+    assert (
+        lint(
+            {"name": "ward", "when": {"calling_aet": ["WARD"]}, "forward_to": ["pacs", "review"]},
+            ae={
+                "allowed_calling_aets": ["CR1"],
+                "allowed_peers": [{"ae_title": "WARD", "hosts": ["10.0.0.0/8"]}],
+            },
+        )
+        == []
     )
 
 

@@ -404,6 +404,30 @@ def test_abort_open_associations_at_start_up(sessions: sessionmaker[Session]) ->
     assert len(ready_at(sessions, 400, unreleased_timeout_s=300)) == 1
 
 
+def test_every_ended_association_is_an_audit_event(sessions: sessionmaker[Session]) -> None:
+    released = open_assoc(sessions)
+    store(sessions, "1.1", 1, released)
+    store(sessions, "1.2", 2, released)
+    store(sessions, "1.2", 3, released)  # a resend counts as delivered too
+    close(sessions, released, "released", 4)
+    left_open = open_assoc(sessions, 5)
+    store(sessions, "1.3", 6, left_open)
+    with sessions() as session:
+        work.abort_open_associations(session, "gateway restarted", now=at(50))
+    with sessions() as session:
+        events = session.scalars(
+            select(AuditEvent).where(AuditEvent.kind == "association").order_by(AuditEvent.id)
+        ).all()
+    assert [event.at for event in events] == [at(4), at(50)]
+    first, second = (event.detail for event in events)
+    assert first["association_id"] == released
+    assert first["atna_event_id"] == "110104"
+    assert (first["calling_aet"], first["peer_host"]) == ("MODALITY", "127.0.0.1")
+    assert (first["instances"], first["outcome"], first["reason"]) == (3, "released", None)
+    assert (second["association_id"], second["instances"]) == (left_open, 1)
+    assert (second["outcome"], second["reason"]) == ("aborted", "gateway restarted")
+
+
 # --- claiming ---------------------------------------------------------------------------
 
 
