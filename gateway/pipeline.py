@@ -42,6 +42,7 @@ from gateway import outputs
 from gateway.config import Config, GateConfig
 from gateway.gate import GateResult, body_part_mismatch, evaluate
 from gateway.metrics import GatewayMetrics
+from gateway.phi import identifying_values, patient_values, redact
 from gateway.spool import Spool
 from inference.classifier import Classifier
 from inference.errors import UndecodablePixels
@@ -120,14 +121,25 @@ class Pipeline:
         try:
             self._process(study_id)
         except Exception as error:  # one bad study must not stop the gateway
-            log.exception("study %d failed", study_id)
+            # The message may quote a header value; the traceback is for debug logs only.
+            problem = redact(f"{type(error).__name__}: {error}", self._patient_values(study_id))
+            log.error("study %d failed: %s", study_id, problem)
+            log.debug("study %d failed", study_id, exc_info=True)
             with self.sessions() as session:
                 try:
-                    fail_study(
-                        session, study_id, self.worker_id, f"{type(error).__name__}: {error}"
-                    )
+                    fail_study(session, study_id, self.worker_id, problem)
                 except LookupError:
                     log.warning("study %d: claim lost before failure could be recorded", study_id)
+
+    def _patient_values(self, study_id: int) -> list[str]:
+        """The study's patient name, ID and accession number, as recorded on receipt."""
+        with self.sessions() as session:
+            study = session.get(Study, study_id)
+            if study is None:
+                return []
+            return identifying_values(
+                [study.patient_name, study.patient_id, study.accession_number]
+            )
 
     # ------------------------------------------------------------------ stages
 
@@ -215,8 +227,12 @@ class Pipeline:
             try:
                 written.append(make())
             except (ValueError, TypeError, AttributeError, KeyError) as error:
-                log.warning("%s for %s not written: %s", kind, uid, error)
-                failures.append({"output": kind, "sop_instance_uid": uid, "error": str(error)})
+                # highdicom and pydicom quote the value they refuse, which may be the
+                # patient's name or ID.
+                sources = (item.dataset for item in items if item.dataset is not None)
+                problem = redact(str(error), patient_values(sources))
+                log.warning("%s for %s not written: %s", kind, uid, problem)
+                failures.append({"output": kind, "sop_instance_uid": uid, "error": problem})
 
         for item in items:
             if item.dataset is None:

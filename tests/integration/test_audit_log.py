@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import signal
 import subprocess
@@ -40,6 +41,8 @@ from pydicom.uid import generate_uid
 
 from db.models import ForwardJobState, StudyState
 from gateway.cli import main
+from gateway.pipeline import Pipeline
+from gateway.service import pipeline_processor
 
 StartGateway = Callable[..., InProcessGateway]
 ServeGateway = Callable[..., GatewayProcess]
@@ -84,7 +87,7 @@ def test_each_association_is_audited_with_peer_instances_and_outcome(
         1,
         "aborted",
     )
-    (security,) = [event.detail for event in gateway.audit_events("security")]
+    (security,) = wait_until(lambda: [event.detail for event in gateway.audit_events("security")])
     assert (security["calling_aet"], security["peer_host"]) == ("INTRUDER", HOST)
 
     text = audit_lines(gateway.setup.path, capsys)
@@ -150,7 +153,8 @@ def test_patient_names_and_ids_never_reach_the_log(
     down_port = free_port()  # nothing listens: every attempt fails
     setup = gateway_config(
         tmp_path / "gw",
-        ae={"allowed_calling_aets": ["MODALITY1", "PYNETDICOM"]},
+        # WAITFOR: the readiness check of serve_gateway.
+        ae={"allowed_calling_aets": ["MODALITY1", "PYNETDICOM", "WAITFOR"]},
         model={"dir": str(tiny_model), "device": "cpu"},
         destinations=[
             {"name": "pacs", "ae_title": "SINK", "host": HOST, "port": sink_port},
@@ -180,28 +184,39 @@ def test_patient_names_and_ids_never_reach_the_log(
     no_study = dx_dataset(**patient)
     del no_study.StudyInstanceUID
     no_study_path = save_as_is(no_study, tmp_path / "in" / "no-study.dcm")
+    # Values pydicom and highdicom find invalid: their complaints must not quote them.
+    odd_study_uid = generate_uid()
+    odd = dx_dataset(
+        study_uid=odd_study_uid, patient_name=PATIENT_NAME + "\x07", patient_id=PATIENT_ID + "\x01"
+    )
+    odd.PatientBirthDate = PATIENT_ID
+    odd_path = save_as_is(odd, tmp_path / "in" / "odd.dcm")
 
-    sent = storescu(gateway.port, [chest, ct_path], calling_aet="MODALITY1")
-    assert sent.statuses == [SUCCESS, SUCCESS], sent.output
+    sent = storescu(gateway.port, [chest, ct_path, odd_path], calling_aet="MODALITY1")
+    assert sent.statuses == [SUCCESS] * 3, sent.output
     assert send_files(gateway.port, [different, no_study_path])[0] == 0
     assert storescu(gateway.port, [chest], calling_aet="STRANGER").rejected
 
     gateway.wait_for_state(study_uid, StudyState.PROCESSED, PROCESSING_DEADLINE_S)
+    gateway.wait_for_state(odd_study_uid, StudyState.PROCESSED, PROCESSING_DEADLINE_S)
 
-    def forwarding_done() -> dict[str, str] | None:
+    def forwarding_done() -> dict[tuple[str, str], str] | None:
         states = {
-            event.detail["destination"]: event.detail["state"]
+            (str(event.study_uid), event.detail["destination"]): event.detail["state"]
             for event in gateway.audit_events("forward")
         }
         finished = {ForwardJobState.DELIVERED.value, ForwardJobState.DEAD.value}
-        return (
-            states if set(states) == {"pacs", "down"} and set(states.values()) <= finished else None
-        )
+        done = len(states) == 4 and set(states.values()) <= finished
+        return states if done else None
 
     states = wait_until(forwarding_done, PROCESSING_DEADLINE_S)
-    assert states == {"pacs": "delivered", "down": "dead"}
+    assert states == {
+        (uid, destination): state
+        for uid in (study_uid, odd_study_uid)
+        for destination, state in (("pacs", "delivered"), ("down", "dead"))
+    }
     delivered = [pydicom.dcmread(path) for path in sorted(sink.iterdir())]
-    assert {str(ds.PatientName) for ds in delivered} == {PATIENT_NAME}
+    assert PATIENT_NAME in {str(ds.PatientName) for ds in delivered}
     assert gateway.stop(signal.SIGTERM) == 0
 
     log = gateway.log()
@@ -226,3 +241,32 @@ def test_patient_names_and_ids_never_reach_the_log(
     assert "-> down (DOWN at 127.0.0.1" in forwards and "dead" in forwards
     everything = audit_lines(setup.path, capsys, "--json", "--limit", "1000")
     assert PATIENT_DATA.search(everything) is None
+
+
+def test_a_study_failure_quoting_the_patient_is_logged_and_recorded_redacted(
+    start_gateway: StartGateway,
+    tiny_model: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def fail(pipeline: Pipeline, study_id: int) -> None:
+        # As a library that quotes the value it refuses would.
+        raise ValueError(f"cannot use {PATIENT_NAME!r} (patient {PATIENT_ID})")
+
+    monkeypatch.setattr(Pipeline, "_process", fail)
+    with caplog.at_level(logging.INFO):
+        gateway = start_gateway(
+            model={"dir": str(tiny_model), "device": "cpu"}, processor_factory=pipeline_processor
+        )
+        study_uid = generate_uid()
+        image = write_dx(
+            tmp_path, study_uid=study_uid, patient_name=PATIENT_NAME, patient_id=PATIENT_ID
+        )
+        assert storescu(gateway.port, [image]).statuses == [SUCCESS]
+        study = gateway.wait_for_state(study_uid, StudyState.FAILED, PROCESSING_DEADLINE_S)
+
+    assert study.error == "ValueError: cannot use '<redacted>' (patient <redacted>)"
+    assert f"failed: {study.error}" in caplog.text
+    assert PATIENT_DATA.search(caplog.text) is None
+    assert study.patient_name == PATIENT_NAME  # the database keeps it
