@@ -240,8 +240,26 @@ def _print_dashboard(
         )
 
 
+def _plain_dicom_only(config: Config) -> None:
+    """The demo sends with plain storescu and starts plain local destination nodes."""
+    problems = []
+    if config.ae.tls is not None:
+        problems.append("ae.tls is set, and the demo sends with storescu without TLS")
+    problems += [
+        f"destinations[{d.name}].tls is set, and the demo's local nodes do not speak TLS"
+        for d in config.destinations
+        if d.tls is not None
+    ]
+    if problems:
+        raise RadgateError(
+            "; ".join(problems) + ": run the demo with a configuration without TLS"
+            " (TLS itself is covered by radgate serve, docs/CONFIG.md)"
+        )
+
+
 def command(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    _plain_dicom_only(config)
     model_card = Path(config.model.dir) / "model.json"
     if not model_card.is_file():
         raise RadgateError(f"{model_card}: no model; train one first (make model)")

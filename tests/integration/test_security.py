@@ -37,6 +37,7 @@ from conftest import (
 from pydicom.uid import generate_uid
 
 from db.models import AssociationOutcome, ForwardJobState, StudyState
+from gateway.cli import main
 from gateway.config import parse_config
 from gateway.security import PeerPolicy, client_tls_context, server_tls_context
 from gateway.service import Service, ServiceError
@@ -429,3 +430,22 @@ def test_a_study_received_over_tls_is_forwarded_over_tls(
     )  # fmt: skip
     assert forwards[0]["destination"] == "tls-pacs"
     assert forwards[0]["instances_sent"] == 1
+
+
+def test_the_demo_refuses_a_tls_configuration_with_the_reason(
+    tmp_path: Path, pki: PKI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    setup = gateway_config(
+        tmp_path / "gw",
+        ae={"tls": server_tls(pki)},
+        destinations=[
+            {"name": "pacs", "ae_title": "PACS", "host": HOST, "port": 104, "tls": {}},
+        ],
+        routes=[{"name": "all", "when": {}, "forward_to": ["pacs"]}],
+    )
+    arguments = ["demo", "--config", str(setup.path), "--data", str(tmp_path / "no-data")]
+    assert main([*arguments, "--work", str(tmp_path / "work")]) == 2
+    error = capsys.readouterr().err
+    assert "ae.tls is set, and the demo sends with storescu without TLS" in error
+    assert "destinations[pacs].tls is set" in error
+    assert not (tmp_path / "work").exists()
