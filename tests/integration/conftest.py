@@ -32,24 +32,29 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import pytest
 import yaml
+from orthanc import OrthancServer, orthanc_servers
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, StoragePresentationContexts, _config
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, StoragePresentationContexts, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Association, AuditEvent, Instance, Study, StudyState
 from db.session import make_engine, session_factory
 from gateway.config import Config, parse_config
+from gateway.scp import STATUS_SUCCESS
 from gateway.service import ProcessorFactory, Service
 
 REPO = Path(__file__).resolve().parents[2]
@@ -642,3 +647,80 @@ def send_files(port: int, files: Sequence[Path | Dataset], **options: Any) -> li
                 raise AssertionError(f"no C-STORE response for {item}")
             statuses.append(int(response.Status))
     return statuses
+
+
+# --- destinations: Orthanc and a pynetdicom storage SCP ---------------------------------
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Callable[..., OrthancServer]]:
+    with orthanc_servers(tmp_path) as start:
+        yield start
+
+
+@dataclass
+class StoreSCP:
+    """A pynetdicom storage SCP whose answer per C-STORE the test decides."""
+
+    port: int
+    received: list[tuple[str, str]] = field(default_factory=list)  # (SOP class, SOP instance)
+    # (sop_class_uid, sop_instance_uid, number of the request) -> status
+    answer: Callable[[str, str, int], int] = lambda sop_class, uid, number: STATUS_SUCCESS
+    delay_s: float = 0.0
+    on_store: Callable[[int], None] | None = None
+    # Abort the association on receiving this request (counted from 1), once.
+    abort_at: int | None = None
+
+    def counts(self) -> Counter[str]:
+        """How many times each SOP Instance UID was sent (duplicates show as > 1)."""
+        return Counter(uid for _, uid in list(self.received))
+
+
+@pytest.fixture
+def store_scp() -> Iterator[Callable[..., StoreSCP]]:
+    servers: list[Any] = []
+
+    def start(
+        *,
+        sop_classes: Sequence[str] | None = None,
+        ae_title: str = "ORTHANC",
+        max_associations: int = 10,
+        **options: Any,
+    ) -> StoreSCP:
+        ae = AE(ae_title=ae_title)
+        ae.maximum_associations = max_associations
+        ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 10
+        if sop_classes is None:
+            ae.supported_contexts = StoragePresentationContexts
+        else:
+            for sop_class in sop_classes:
+                ae.add_supported_context(
+                    sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+                )
+        scp = StoreSCP(port=0, **options)
+        lock = threading.Lock()
+
+        def handle(event: evt.Event) -> int:
+            request = cast(C_STORE, event.request)
+            sop_class = str(request.AffectedSOPClassUID)
+            sop_instance = str(request.AffectedSOPInstanceUID)
+            with lock:
+                scp.received.append((sop_class, sop_instance))
+                number = len(scp.received)
+            if scp.on_store is not None:
+                scp.on_store(number)
+            if scp.abort_at == number:
+                event.assoc.abort()
+            if scp.delay_s:
+                time.sleep(scp.delay_s)
+            return scp.answer(sop_class, sop_instance, number)
+
+        server = ae.start_server((HOST, 0), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)])
+        assert server is not None
+        servers.append(server)
+        scp.port = int(server.server_address[1])
+        return scp
+
+    yield start
+    for server in servers:
+        server.shutdown()

@@ -10,13 +10,12 @@ with the RADGATE tags, the Grad-CAM series and the result report.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import echoscu, storescu, wait_until
-from orthanc import OrthancServer, orthanc_servers
+from orthanc import OrthancServer
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
@@ -26,12 +25,6 @@ from gateway.demo import storescu_batches
 from gateway.pipeline import make_processor
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Any]:
-    with orthanc_servers(tmp_path) as start:
-        yield start
 
 
 @pytest.fixture(scope="module")

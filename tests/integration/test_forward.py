@@ -13,30 +13,27 @@ import copy
 import hashlib
 import socket
 import subprocess
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
 import yaml
-from orthanc import UNCOMPRESSED_SYNTAXES, OrthancServer, free_port, orthanc_servers
+from conftest import StoreSCP
+from orthanc import UNCOMPRESSED_SYNTAXES, OrthancServer, free_port
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     DigitalXRayImageStorageForPresentation,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     generate_uid,
 )
-from pynetdicom import AE, StoragePresentationContexts, evt
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom import AE
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -396,12 +393,6 @@ def radgate_label(ds: Dataset) -> str | None:
         return None
 
 
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Callable[..., OrthancServer]]:
-    with orthanc_servers(tmp_path) as start:
-        yield start
-
-
 # --- other peers: DCMTK storescp and a pynetdicom SCP ------------------------------------
 
 
@@ -428,70 +419,6 @@ def storescp(tmp_path: Path) -> Iterator[Callable[..., int]]:
         if process.poll() is None:
             process.kill()
         process.wait(SUBPROCESS_TIMEOUT_S)
-
-
-@dataclass
-class StoreSCP:
-    """A pynetdicom storage SCP whose answer per C-STORE the test decides."""
-
-    port: int
-    received: list[tuple[str, str]] = field(default_factory=list)  # (SOP class, SOP instance)
-    # (sop_class_uid, sop_instance_uid, number of the request) -> status
-    answer: Callable[[str, str, int], int] = lambda sop_class, uid, number: STATUS_SUCCESS
-    delay_s: float = 0.0
-    on_store: Callable[[int], None] | None = None
-    # Abort the association on receiving this request (counted from 1), once.
-    abort_at: int | None = None
-
-
-@pytest.fixture
-def store_scp() -> Iterator[Callable[..., StoreSCP]]:
-    servers: list[Any] = []
-
-    def start(
-        *,
-        sop_classes: Sequence[str] | None = None,
-        ae_title: str = "ORTHANC",
-        max_associations: int = 10,
-        **options: Any,
-    ) -> StoreSCP:
-        ae = AE(ae_title=ae_title)
-        ae.maximum_associations = max_associations
-        ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 10
-        if sop_classes is None:
-            ae.supported_contexts = StoragePresentationContexts
-        else:
-            for sop_class in sop_classes:
-                ae.add_supported_context(
-                    sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-                )
-        scp = StoreSCP(port=0, **options)
-        lock = threading.Lock()
-
-        def handle(event: evt.Event) -> int:
-            request = cast(C_STORE, event.request)
-            sop_class = str(request.AffectedSOPClassUID)
-            sop_instance = str(request.AffectedSOPInstanceUID)
-            with lock:
-                scp.received.append((sop_class, sop_instance))
-                number = len(scp.received)
-            if scp.on_store is not None:
-                scp.on_store(number)
-            if scp.abort_at == number:
-                event.assoc.abort()
-            if scp.delay_s:
-                time.sleep(scp.delay_s)
-            return scp.answer(sop_class, sop_instance, number)
-
-        server = ae.start_server((HOST, 0), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)])
-        assert server is not None
-        servers.append(server)
-        scp.port = int(server.server_address[1])
-        return scp
-
-    yield start
-    for server in servers:
-        server.shutdown()
 
 
 # --- Orthanc: the study arrives, tagged, exactly once ------------------------------------

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
@@ -31,6 +31,7 @@ from conftest import (
     GatewayHandle,
     GatewayProcess,
     InProcessGateway,
+    StoreSCP,
     dataset_bytes,
     echoscu,
     files_sent_as_stored,
@@ -41,9 +42,8 @@ from conftest import (
     wait_until,
     write_dx,
 )
-from orthanc import OrthancServer, orthanc_servers
+from orthanc import OrthancServer
 from pydicom.uid import generate_uid
-from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
@@ -70,53 +70,6 @@ ORIGINALS_ONLY = {"gradcam": False, "tag_originals": False, "structured_report":
 
 
 # --- destinations ----------------------------------------------------------------------
-
-
-@dataclass
-class CountingSCP:
-    """A storage SCP that records every C-STORE it is sent (duplicates included)."""
-
-    port: int
-    received: Counter[str] = field(default_factory=Counter)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def total(self) -> int:
-        with self.lock:
-            return sum(self.received.values())
-
-
-@pytest.fixture
-def counting_scp() -> Iterator[Callable[[], CountingSCP]]:
-    servers: list[Any] = []
-
-    def start() -> CountingSCP:
-        ae = AE(ae_title="COUNTER")
-        ae.supported_contexts = StoragePresentationContexts
-        ae.maximum_associations = 20
-        ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 30
-        scp = CountingSCP(port=0)
-
-        def handle(event: evt.Event) -> int:
-            uid = str(cast(C_STORE, event.request).AffectedSOPInstanceUID)
-            with scp.lock:
-                scp.received[uid] += 1
-            return STATUS_SUCCESS
-
-        server = ae.start_server((HOST, 0), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)])
-        assert server is not None
-        servers.append(server)
-        scp.port = int(server.server_address[1])
-        return scp
-
-    yield start
-    for server in servers:
-        server.shutdown()
-
-
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Callable[..., OrthancServer]]:
-    with orthanc_servers(tmp_path) as start:
-        yield start
 
 
 def forwarding(name: str, ae_title: str, port: int) -> dict[str, Any]:
@@ -292,11 +245,11 @@ def test_the_watermark_refuses_before_the_disk_is_full(
 
 def test_a_duplicate_sop_instance_uid_is_kept_once_recorded_once_forwarded_once(
     serve_gateway: ServeGateway,
-    counting_scp: Callable[[], CountingSCP],
+    store_scp: Callable[..., StoreSCP],
     tmp_path: Path,
     tiny_model: Path,
 ) -> None:
-    destination = counting_scp()
+    destination = store_scp(ae_title="COUNTER", max_associations=20)
     setup = gateway_config(
         tmp_path / "gw",
         model={"dir": str(tiny_model), "device": "cpu"},
@@ -319,10 +272,10 @@ def test_a_duplicate_sop_instance_uid_is_kept_once_recorded_once_forwarded_once(
     def processed_and_sent_once() -> bool:
         study = gateway.study(study_uid)
         processed = study is not None and study.state is StudyState.PROCESSED
-        return processed and destination.total() == 1
+        return processed and len(destination.received) == 1
 
     assert stays(processed_and_sent_once, duration_s=4)
-    assert destination.received == Counter({sop_uid: 1})
+    assert destination.counts() == Counter({sop_uid: 1})
     (row,) = gateway.instances()
     assert dataset_bytes(gateway.spool_dir / row.spool_path) == dataset_bytes(first)
     assert len([p for p in gateway.spool_files() if "instances" in p.parts]) == 1
@@ -493,13 +446,13 @@ def _peak_rss_mib(pid: int) -> float:
 @pytest.mark.slow
 def test_eight_concurrent_senders_of_100_images_each(
     serve_gateway: ServeGateway,
-    counting_scp: Callable[[], CountingSCP],
+    store_scp: Callable[..., StoreSCP],
     tmp_path: Path,
     tiny_model: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     senders, per_sender, per_study = 8, 100, 4
-    destination = counting_scp()
+    destination = store_scp(ae_title="COUNTER", max_associations=20)
     setup = gateway_config(
         tmp_path / "gw",
         model={"dir": str(tiny_model), "device": "cpu"},
@@ -552,7 +505,7 @@ def test_eight_concurrent_senders_of_100_images_each(
     assert len(gateway.instances()) == total
     predictions = predictions_per_instance(gateway)
     assert len(predictions) == total and set(predictions.values()) == {1}
-    assert destination.received == Counter({uid: 1 for uid in sent_uids})
+    assert destination.counts() == Counter({uid: 1 for uid in sent_uids})
     assert forwarded_counts(gateway) == Counter({uid: 1 for uid in sent_uids})
     assert "database is locked" not in gateway.log()
     assert gateway.stop() == 0
