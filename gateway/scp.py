@@ -603,17 +603,16 @@ def on_store(event: evt.Event, context: ReceiverContext) -> int:
     status = _store(event, context, record)
     if status == STATUS_SUCCESS:
         record.stored += 1
-    else:
-        record.refused += 1
-        context.count(refused=1)
-    if context.metrics is not None:
-        if status == STATUS_SUCCESS:
+        if context.metrics is not None:
             context.metrics.stored(
                 record.calling_aet,
                 time.perf_counter() - started,
                 duplicate=record.duplicates > duplicates,
             )
-        else:
+    else:
+        record.refused += 1
+        context.count(refused=1)
+        if context.metrics is not None:
             context.metrics.refused(status)
     return status
 

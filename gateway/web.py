@@ -22,7 +22,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as day_time
@@ -485,33 +485,32 @@ class Dashboard:
 
     def readiness(self) -> list[health.Check]:
         storage = self.config.storage
-        checks: list[health.Check] = []
         gateway = self.gateway
-        if gateway is None:
-            checks.append(health.Check("model", True, "not run by this process (radgate web)"))
-        else:
-            checks.append(
-                health.check_flag(
-                    "model",
-                    lambda: gateway.model_loaded,
-                    "loaded",
-                    f"not loaded (model.dir {self.config.model.dir}; receive-only or failed)",
-                )
-            )
-        checks.append(health.check_database(self.reader))
-        checks.append(health.check_spool(Path(storage.spool_dir), storage.min_free_mb))
-        if gateway is None:
-            checks.append(health.Check("scheduler", True, "not run by this process (radgate web)"))
-        else:
-            checks.append(
-                health.check_flag(
-                    "scheduler",
-                    lambda: gateway.scheduler_running,
-                    "running",
-                    "not running (the completion sweep or the processing worker stopped)",
-                )
-            )
-        return checks
+
+        def of_gateway(
+            name: str, ok: Callable[[GatewayState], bool], good: str, bad: str
+        ) -> health.Check:
+            # `radgate web` alone runs neither the model nor the scheduler.
+            if gateway is None:
+                return health.Check(name, True, "not run by this process (radgate web)")
+            return health.check_flag(name, lambda: ok(gateway), good, bad)
+
+        return [
+            of_gateway(
+                "model",
+                lambda running: running.model_loaded,
+                "loaded",
+                f"not loaded (model.dir {self.config.model.dir}; receive-only or failed)",
+            ),
+            health.check_database(self.reader),
+            health.check_spool(Path(storage.spool_dir), storage.min_free_mb),
+            of_gateway(
+                "scheduler",
+                lambda running: running.scheduler_running,
+                "running",
+                "not running (the completion sweep or the processing worker stopped)",
+            ),
+        ]
 
     async def readyz(self, request: Request) -> Response:
         ready, text = health.summary(self.readiness())
