@@ -60,6 +60,11 @@ def test_tiny_training_writes_every_seed_output(tiny_model: Path) -> None:
     row = evaluation["test"][0]
     assert {"file", "label", "prediction", "probability", "loss"} <= set(row)
     assert card["metrics"]["export_parity_max_abs_diff"] < 1e-5
+    # Where the model looks: the review sheet and the border-attention figures.
+    assert (tiny_model / "gradcam_review.png").stat().st_size > 1000
+    shares = [row["border_share"] for row in evaluation["border_attention"]]
+    assert len(shares) == 12 and all(0.0 <= share <= 1.0 for share in shares)
+    assert card["metrics"]["gradcam_border_share_max"] == pytest.approx(max(shares), abs=1e-4)
 
 
 def test_existing_output_folder_is_refused(
