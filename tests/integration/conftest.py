@@ -724,3 +724,8 @@ def store_scp() -> Iterator[Callable[..., StoreSCP]]:
     yield start
     for server in servers:
         server.shutdown()
+
+
+# The fixtures' types, for the tests' annotations.
+StartGateway = Callable[..., InProcessGateway]
+ServeGateway = Callable[..., GatewayProcess]

@@ -22,8 +22,8 @@ import pytest
 from conftest import (
     HOST,
     SUBPROCESS_TIMEOUT_S,
-    GatewayProcess,
-    InProcessGateway,
+    ServeGateway,
+    StartGateway,
     associated,
     dcmtk,
     dx_dataset,
@@ -44,8 +44,6 @@ from gateway.cli import main
 from gateway.pipeline import Pipeline
 from gateway.service import pipeline_processor
 
-StartGateway = Callable[..., InProcessGateway]
-ServeGateway = Callable[..., GatewayProcess]
 SUCCESS = "Success"
 PROCESSING_DEADLINE_S = 90.0
 # Searchable on purpose: no log line can contain them by chance.

@@ -15,7 +15,6 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +25,8 @@ from conftest import (
     DX_SOP_CLASS,
     HOST,
     REPO,
-    GatewayProcess,
-    InProcessGateway,
+    ServeGateway,
+    StartGateway,
     associated,
     dx_dataset,
     echoscu,
@@ -59,8 +58,6 @@ from db.models import AssociationOutcome, Instance, StudyState
 from gateway.scp import STATUS_CANNOT_UNDERSTAND, STATUS_SUCCESS
 from inference.artifact import WEIGHTS_FILE
 
-StartGateway = Callable[..., InProcessGateway]
-ServeGateway = Callable[..., GatewayProcess]
 SUCCESS = "Success"
 # How deep the hostile sequence nests: far past Python's recursion limit.
 NESTING_DEPTH = 5000

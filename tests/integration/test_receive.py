@@ -26,9 +26,9 @@ from conftest import (
     CALLED_AET,
     HOST,
     GatewayHandle,
-    GatewayProcess,
     GatewaySetup,
-    InProcessGateway,
+    ServeGateway,
+    StartGateway,
     associated,
     dataset_bytes,
     dx_dataset,
@@ -71,9 +71,6 @@ from gateway.scp import (
 from gateway.service import Processor, claim_loop
 from gateway.spool import TEMP_PREFIX, Spool
 from inference.artifact import ModelCard
-
-StartGateway = Callable[..., InProcessGateway]
-ServeGateway = Callable[..., GatewayProcess]
 
 QUIET_S = 0.3
 SUCCESS = "Success"

@@ -29,8 +29,8 @@ from conftest import (
     CALLED_AET,
     HOST,
     GatewayHandle,
-    GatewayProcess,
-    InProcessGateway,
+    ServeGateway,
+    StartGateway,
     StoreSCP,
     dataset_bytes,
     echoscu,
@@ -60,8 +60,6 @@ from db.models import (
 from gateway.scp import STATUS_OUT_OF_SPACE, STATUS_SUCCESS
 from gateway.spool import TEMP_PREFIX, key_digest
 
-StartGateway = Callable[..., InProcessGateway]
-ServeGateway = Callable[..., GatewayProcess]
 SUCCESS = "Success"
 MIB = 1024 * 1024
 # Only the originals are forwarded in these tests: the derived objects have their own

@@ -22,8 +22,9 @@ from conftest import (
     CALLED_AET,
     HOST,
     SUBPROCESS_TIMEOUT_S,
-    GatewayProcess,
     InProcessGateway,
+    ServeGateway,
+    StartGateway,
     dcmtk,
     dcmtk_environment,
     echoscu,
@@ -42,8 +43,6 @@ from gateway.config import parse_config
 from gateway.security import PeerPolicy, client_tls_context, server_tls_context
 from gateway.service import Service, ServiceError
 
-StartGateway = Callable[..., InProcessGateway]
-ServeGateway = Callable[..., GatewayProcess]
 SUCCESS = "Success"
 # A second loopback address: a peer the configuration does not allow.
 OTHER_LOOPBACK = "127.0.0.2"
