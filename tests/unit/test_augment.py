@@ -74,3 +74,26 @@ def test_gamma_is_identity_off_training_or_at_p0() -> None:
     batch = TensorImage(torch.rand(4, 3, 8, 8))
     assert torch.equal(RandomGamma(p=1.0)(batch, split_idx=1), batch)
     assert torch.allclose(RandomGamma(p=0.0)(batch, split_idx=0), batch.clamp(1e-6, 1.0))
+
+
+def test_recipe_options_choose_preprocessing_and_augmentation() -> None:
+    import argparse
+
+    from training.train import RADIOGRAPH_EXTRA, SEED_AUGMENTATION, choose_recipe
+
+    def recipe(**options: object):  # type: ignore[no-untyped-def]
+        values = dict(arch=None, size=224, preprocessing=None, augmentation=None, weights=None)
+        values.update(epochs=None, lr=None, seed=42, **options)
+        return choose_recipe(argparse.Namespace(**values))
+
+    default = recipe()
+    assert default.augmentation == SEED_AUGMENTATION and default.extra_augmentation == {}
+    assert not default.preprocessing.trim_borders and default.preprocessing.intensity == "none"
+    trimmed = recipe(preprocessing="trim")
+    assert trimmed.preprocessing.trim_borders and trimmed.preprocessing.intensity == "none"
+    robust = recipe(preprocessing="robust")
+    assert robust.preprocessing.trim_borders and robust.preprocessing.intensity == "percentile"
+    radiograph = recipe(augmentation="radiograph")
+    assert radiograph.extra_augmentation == RADIOGRAPH_EXTRA
+    assert radiograph.augmentation["min_scale"] < SEED_AUGMENTATION["min_scale"]
+    assert radiograph.to_json()["extra_augmentation"] == RADIOGRAPH_EXTRA  # recorded in the card
