@@ -79,9 +79,9 @@ def test_gamma_is_identity_off_training_or_at_p0() -> None:
 def test_recipe_options_choose_preprocessing_and_augmentation() -> None:
     import argparse
 
-    from training.train import RADIOGRAPH_EXTRA, SEED_AUGMENTATION, choose_recipe
+    from training.train import RADIOGRAPH_EXTRA, SEED_AUGMENTATION, Recipe, choose_recipe
 
-    def recipe(**options: object):  # type: ignore[no-untyped-def]
+    def recipe(**options: object) -> Recipe:
         values = dict(arch=None, size=224, preprocessing=None, augmentation=None, weights=None)
         values.update(epochs=None, lr=None, seed=42, **options)
         return choose_recipe(argparse.Namespace(**values))
