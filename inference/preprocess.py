@@ -49,12 +49,18 @@ class PreprocessSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     percentiles: tuple[float, float] = field(default=(1.0, 99.0))
     trim_borders: bool = False  # drop flat collimation/letterbox borders before geometry
+    # Shorter side of the network's region reduced to at most this many pixels (area
+    # resampling) before the geometry, so that a 2000-pixel DICOM, a 512-pixel PNG and a
+    # 180-pixel thumbnail all reach the network with the same level of detail; 0: off.
+    detail_side: int = 0
 
     def __post_init__(self) -> None:
         if self.intensity not in INTENSITY_METHODS:
             raise ValueError(f"intensity {self.intensity!r} not one of {INTENSITY_METHODS}")
         if self.resize_method not in RESIZE_METHODS:
             raise ValueError(f"resize_method {self.resize_method!r} not one of {RESIZE_METHODS}")
+        if self.detail_side and self.detail_side < MIN_SIDE:
+            raise ValueError(f"detail_side {self.detail_side} below {MIN_SIDE} (0 turns it off)")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -187,10 +193,27 @@ def network_image(
     return to_uint8_rgb(pixels, spec, region), region
 
 
+def limit_detail(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """The region with its shorter side reduced to `spec.detail_side` (area resampling).
+
+    The sample chest PNGs are all 512 pixels and many abdominal ones are small thumbnails:
+    without this step sharpness alone tells the classes apart, and a real radiograph of
+    2000+ pixels is sharper than anything seen in training. Images already at or below the
+    limit are returned unchanged.
+    """
+    height, width = rgb.shape[:2]
+    if not spec.detail_side or min(height, width) <= spec.detail_side:
+        return rgb
+    scale = spec.detail_side / min(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    reduced = Image.fromarray(rgb, mode="RGB").resize(size, Image.Resampling.BOX)
+    return np.asarray(reduced, dtype=np.uint8)
+
+
 def training_image(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """What training feeds fastai: the network's region of `network_image`."""
+    """What training feeds fastai: the network's region of `network_image`, detail limited."""
     display, (left, top, right, bottom) = network_image(pixels, spec)
-    return np.ascontiguousarray(display[top:bottom, left:right])
+    return limit_detail(np.ascontiguousarray(display[top:bottom, left:right]), spec)
 
 
 def resize_item(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
@@ -257,7 +280,7 @@ class Prepared:
 def prepare(source: Path | Any, spec: PreprocessSpec) -> Prepared:
     """A file or pydicom Dataset all the way to model input. Raises `InvalidInput`."""
     display, (left, top, right, bottom) = network_image(read_pixels(source), spec)
-    region = np.ascontiguousarray(display[top:bottom, left:right])
+    region = limit_detail(np.ascontiguousarray(display[top:bottom, left:right]), spec)
     square = crop_box(right - left, bottom - top, spec)
     box = (square[0] + left, square[1] + top, square[2] + left, square[3] + top)
     return Prepared(tensor=model_tensor(region, spec), display=display, box=box)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from inference.preprocess import PreprocessSpec, model_tensor, prepare, read_pixels, to_uint8_rgb
 from training.data import ImageCache, scan_dataset
@@ -47,8 +48,10 @@ def _fastai_valid_tensors(
         PreprocessSpec(size=64, resize=131),
         PreprocessSpec(intensity="percentile", trim_borders=True),
         PreprocessSpec(trim_borders=True),
+        PreprocessSpec(detail_side=160),
+        PreprocessSpec(trim_borders=True, detail_side=192),
     ],
-    ids=["seed-crop", "percentile-pad", "small", "robust", "trim"],
+    ids=["seed-crop", "percentile-pad", "small", "robust", "trim", "detail", "trim-detail"],
 )
 def test_serving_geometry_matches_fastai_validation(
     sample_data_dir: Path, spec: PreprocessSpec
@@ -133,3 +136,39 @@ def test_prepared_box_maps_back_to_the_trimmed_square() -> None:
     left, top, right, bottom = prepared.box
     # The 200-wide anatomy is the limiting side: a centred 200x200 square inside it.
     assert (left, right) == (100, 300) and (top, bottom) == (100, 300)
+
+
+def test_detail_limit_gives_every_source_size_the_same_sharpness(sample_data_dir: Path) -> None:
+    from inference.preprocess import limit_detail
+
+    path = next((sample_data_dir / "val" / "chest").glob("*.png"))
+    spec = PreprocessSpec(detail_side=160)
+    rgb = to_uint8_rgb(read_pixels(path), spec)
+    height, width = rgb.shape[:2]
+    reduced = limit_detail(rgb, spec)
+    assert min(reduced.shape[:2]) == 160
+    assert abs(reduced.shape[1] / reduced.shape[0] - width / height) < 0.02
+    # The same anatomy as a 4x larger radiograph (a 2000-pixel DICOM) and as the PNG reach
+    # the network with the same detail: their model inputs agree to a few grey levels.
+    big = np.asarray(Image.fromarray(rgb).resize((width * 4, height * 4), Image.Resampling.BICUBIC))
+    assert min(limit_detail(big, spec).shape[:2]) == 160
+    difference = (model_tensor(limit_detail(big, spec), spec) - model_tensor(reduced, spec)).abs()
+    assert float(difference.mean()) < 0.02
+    # Off, and images already below the limit, are untouched.
+    assert limit_detail(rgb, PreprocessSpec()) is rgb
+    small = np.ascontiguousarray(rgb[:100, :120])
+    assert limit_detail(small, spec) is small
+
+
+def test_detail_limit_keeps_the_heat_map_box_on_the_original(sample_data_dir: Path) -> None:
+    path = next((sample_data_dir / "val" / "abd").glob("*.png"))
+    plain = prepare(path, PreprocessSpec())
+    limited = prepare(path, PreprocessSpec(detail_side=96))
+    # Display stays at the original resolution; the box is the same square of it.
+    assert limited.display.shape == plain.display.shape
+    assert limited.box == plain.box
+
+
+def test_detail_limit_below_the_minimum_side_is_refused() -> None:
+    with pytest.raises(ValueError, match="detail_side 8"):
+        PreprocessSpec(detail_side=8)
