@@ -52,6 +52,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="seed: the notebook's aug_transforms (default); radiograph: the seed's plus"
         " collimation borders, gamma, stronger lighting and zoom",
     )
+    p.add_argument(
+        "--detail-side",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="reduce every image's shorter side to at most PX pixels before the geometry, so"
+        " source resolution carries no label (0: off; default: the recipe's)",
+    )
     p.add_argument("--weights", type=Path, default=None, help="ImageNet state dict to fine-tune")
     p.add_argument("--cv", type=int, default=0, metavar="K", help="K-fold cross-validation")
     p.add_argument(

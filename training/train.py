@@ -38,6 +38,8 @@ SEED_AUGMENTATION = dict(do_flip=True, max_rotate=10.0, max_warp=0.2, p_affine=0
 # Radiographs from other hospitals: wider fields of view and tighter crops, other exposure
 # and processing, unexposed collimator borders (training/augment.py).
 RADIOGRAPH_AUGMENTATION = dict(SEED_AUGMENTATION, min_scale=0.5, max_lighting=0.4)
+# Shorter side every image is reduced to before the geometry (inference.preprocess.limit_detail).
+DEFAULT_DETAIL_SIDE = 160
 RADIOGRAPH_EXTRA = dict(collimation_p=0.5, collimation_max=0.15, gamma_p=0.5, max_gamma=1.6)
 
 
@@ -91,6 +93,8 @@ def choose_recipe(args: argparse.Namespace) -> Recipe:
         spec = PreprocessSpec(trim_borders=True, size=args.size, resize=resize)
     else:
         spec = PreprocessSpec(size=args.size, resize=resize)
+    detail = getattr(args, "detail_side", None)
+    spec = replace(spec, detail_side=DEFAULT_DETAIL_SIDE if detail is None else detail)
     weights: Path | None = args.weights
     if arch == "resnet18":
         if weights is None:
@@ -625,6 +629,9 @@ def command(args: argparse.Namespace) -> int:
         raise RadgateError(f"--epochs {args.epochs}: must be at least 1")
     if args.size < 32:
         raise RadgateError(f"--size {args.size}: must be at least 32")
+    detail = getattr(args, "detail_side", None)
+    if detail is not None and (detail < 0 or 0 < detail < 32):
+        raise RadgateError(f"--detail-side {detail}: 0 (off) or at least 32 pixels")
     if args.weights is not None and not args.weights.is_file():
         raise RadgateError(f"{args.weights}: weights file does not exist")
     if args.cv == 1 or args.cv < 0:

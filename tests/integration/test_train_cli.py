@@ -209,3 +209,14 @@ def test_bad_cv_argument_is_refused(
         == 2
     )
     assert "--cv-seeds 0: must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["-1", "8"])
+def test_bad_detail_side_is_refused(
+    tmp_path: Path, sample_data_dir: Path, capsys: pytest.CaptureFixture, value: str
+) -> None:
+    out = tmp_path / "m"
+    argv = ["train", "--data", str(sample_data_dir), "--out", str(out), "--detail-side", value]
+    assert main(argv) == 2
+    assert f"--detail-side {value}: 0 (off) or at least 32 pixels" in capsys.readouterr().err
+    assert not out.exists()

@@ -79,7 +79,13 @@ def test_gamma_is_identity_off_training_or_at_p0() -> None:
 def test_recipe_options_choose_preprocessing_and_augmentation() -> None:
     import argparse
 
-    from training.train import RADIOGRAPH_EXTRA, SEED_AUGMENTATION, Recipe, choose_recipe
+    from training.train import (
+        DEFAULT_DETAIL_SIDE,
+        RADIOGRAPH_EXTRA,
+        SEED_AUGMENTATION,
+        Recipe,
+        choose_recipe,
+    )
 
     def recipe(**options: object) -> Recipe:
         values = dict(arch=None, size=224, preprocessing=None, augmentation=None, weights=None)
@@ -89,6 +95,10 @@ def test_recipe_options_choose_preprocessing_and_augmentation() -> None:
     default = recipe()
     assert default.augmentation == SEED_AUGMENTATION and default.extra_augmentation == {}
     assert not default.preprocessing.trim_borders and default.preprocessing.intensity == "none"
+    assert default.preprocessing.detail_side == DEFAULT_DETAIL_SIDE
+    assert recipe(detail_side=0).preprocessing.detail_side == 0
+    assert recipe(detail_side=96, preprocessing="trim").preprocessing.detail_side == 96
+    assert recipe(detail_side=96).to_json()["preprocessing"]["detail_side"] == 96  # in the card
     trimmed = recipe(preprocessing="trim")
     assert trimmed.preprocessing.trim_borders and trimmed.preprocessing.intensity == "none"
     robust = recipe(preprocessing="robust")
