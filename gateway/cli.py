@@ -58,7 +58,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="PX",
         help="reduce every image's shorter side to at most PX pixels before the geometry, so"
-        " source resolution carries no label (0: off; default: the recipe's)",
+        " source resolution carries no label (default 160; 0: off, as in the notebook:"
+        " --arch resnet18 --detail-side 0 is the notebook's recipe)",
     )
     p.add_argument("--weights", type=Path, default=None, help="ImageNet state dict to fine-tune")
     p.add_argument("--cv", type=int, default=0, metavar="K", help="K-fold cross-validation")

