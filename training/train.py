@@ -123,7 +123,7 @@ def choose_recipe(args: argparse.Namespace) -> Recipe:
             weights=str(weights or packaged_lite0_weights()),
             schedule="fine_tune",
             epochs=15,
-            lr=1e-2,
+            lr=5e-3,
             preprocessing=spec,
         )
     # Not the default: in a like-for-like run it did worse on validation, the external set
