@@ -37,12 +37,22 @@ def items(sample_data_dir: Path) -> list[Any]:
     return scan_dataset(sample_data_dir).split("test")
 
 
-def test_heat_only_on_the_anatomy_puts_nothing_on_the_border(
-    monkeypatch: pytest.MonkeyPatch, items: list[Any]
+@pytest.mark.parametrize(
+    ("inside", "border", "figure", "expected"),
+    [(1.0, 0.0, "max_border_share", 0.0), (0.0, 1.0, "mean_border_share", 1.0)],
+    ids=["heat-only-on-anatomy", "heat-only-on-border"],
+)
+def test_heat_on_one_side_only_gives_an_all_or_nothing_share(
+    monkeypatch: pytest.MonkeyPatch,
+    items: list[Any],
+    inside: float,
+    border: float,
+    figure: str,
+    expected: float,
 ) -> None:
-    monkeypatch.setattr(review, "_maps_for", _fake_maps(inside=1.0, border=0.0))
+    monkeypatch.setattr(review, "_maps_for", _fake_maps(inside=inside, border=border))
     result = review.border_attention(Path("unused"), items)
-    assert result["max_border_share"] == pytest.approx(0.0, abs=0.01)
+    assert result[figure] == pytest.approx(expected, abs=0.01)
 
 
 def test_uniform_heat_puts_the_border_area_on_the_border(
@@ -54,14 +64,6 @@ def test_uniform_heat_puts_the_border_area_on_the_border(
         assert row["border_share"] == pytest.approx(row["border_area"], abs=1e-3)
         # 12% a side: 1 - 1/1.24^2 of the framed image.
         assert row["border_area"] == pytest.approx(1 - 1 / 1.24**2, abs=0.01)
-
-
-def test_heat_only_on_the_border_is_all_border(
-    monkeypatch: pytest.MonkeyPatch, items: list[Any]
-) -> None:
-    monkeypatch.setattr(review, "_maps_for", _fake_maps(inside=0.0, border=1.0))
-    result = review.border_attention(Path("unused"), items)
-    assert result["mean_border_share"] == pytest.approx(1.0, abs=0.01)
 
 
 def test_the_collimated_frame_is_what_border_pads_says(sample_data_dir: Path) -> None:
