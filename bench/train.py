@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 RECIPES = {
-    "seed: resnet18 from scratch": ["--arch", "resnet18", "--detail-side", "0"],
+    "seed: resnet18 from scratch": "--arch resnet18 --detail-side 0 --augmentation seed".split(),
     "default": [],
 }
 

@@ -47,10 +47,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--augmentation",
-        choices=["radiograph", "seed"],
+        choices=["crops", "radiograph", "seed"],
         default=None,
-        help="seed: the notebook's aug_transforms (default); radiograph: the seed's plus"
-        " collimation borders, gamma, stronger lighting and zoom",
+        help="crops: the notebook's aug_transforms with random crops down to half the image's"
+        " area (default); seed: the notebook's aug_transforms; radiograph: crops plus"
+        " collimation borders, gamma and stronger lighting",
     )
     p.add_argument(
         "--detail-side",
@@ -59,7 +60,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         metavar="PX",
         help="reduce every image's shorter side to at most PX pixels before the geometry, so"
         " source resolution carries no label (default 160; 0: off, as in the notebook:"
-        " --arch resnet18 --detail-side 0 is the notebook's recipe)",
+        " --arch resnet18 --detail-side 0 --augmentation seed is the notebook's recipe)",
+    )
+    p.add_argument(
+        "--soup",
+        type=int,
+        default=None,
+        metavar="N",
+        help="fine-tune N models from the same starting weights (seeds --seed, --seed+1, ...)"
+        " and serve the average of their weights (default 3 for efficientnet_lite0, 1 for"
+        " resnet18; 1: a single model)",
     )
     p.add_argument("--weights", type=Path, default=None, help="ImageNet state dict to fine-tune")
     p.add_argument("--cv", type=int, default=0, metavar="K", help="K-fold cross-validation")

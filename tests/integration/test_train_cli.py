@@ -51,9 +51,13 @@ def test_tiny_training_writes_every_seed_output(tiny_model: Path) -> None:
     assert card["recipe"]["seed"] == 42 and card["recipe"]["batch_size"] == 16
     with (tiny_model / "history.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    # fine_tune trains one frozen epoch before the requested one
-    expected_rows = 2 if card["recipe"]["schedule"] == "fine_tune" else 1
-    assert len(rows) == expected_rows
+    # fine_tune trains one frozen epoch before the requested one, in every soup member
+    per_member = 2 if card["recipe"]["schedule"] == "fine_tune" else 1
+    assert card["recipe"]["soup"] >= 1
+    assert len(rows) == per_member * card["recipe"]["soup"]
+    assert [int(row["member"]) for row in rows] == [
+        member for member in range(1, card["recipe"]["soup"] + 1) for _ in range(per_member)
+    ]
     assert {"train_loss", "valid_loss", "accuracy"} <= set(rows[0])
     evaluation = json.loads((tiny_model / "evaluation.json").read_text())
     assert len(evaluation["valid"]) == 10 and len(evaluation["test"]) == 2
@@ -219,4 +223,15 @@ def test_bad_detail_side_is_refused(
     argv = ["train", "--data", str(sample_data_dir), "--out", str(out), "--detail-side", value]
     assert main(argv) == 2
     assert f"--detail-side {value}: 0 (off) or at least 32 pixels" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_bad_soup_is_refused(
+    tmp_path: Path, sample_data_dir: Path, capsys: pytest.CaptureFixture, value: str
+) -> None:
+    out = tmp_path / "m"
+    argv = ["train", "--data", str(sample_data_dir), "--out", str(out), "--soup", value]
+    assert main(argv) == 2
+    assert f"--soup {value}: must be at least 1 (1: a single model)" in capsys.readouterr().err
     assert not out.exists()

@@ -80,6 +80,7 @@ def test_recipe_options_choose_preprocessing_and_augmentation() -> None:
     import argparse
 
     from training.train import (
+        CROP_AUGMENTATION,
         DEFAULT_DETAIL_SIDE,
         RADIOGRAPH_EXTRA,
         SEED_AUGMENTATION,
@@ -93,7 +94,15 @@ def test_recipe_options_choose_preprocessing_and_augmentation() -> None:
         return choose_recipe(argparse.Namespace(**values))
 
     default = recipe()
-    assert default.augmentation == SEED_AUGMENTATION and default.extra_augmentation == {}
+    assert default.augmentation == CROP_AUGMENTATION and default.extra_augmentation == {}
+    assert CROP_AUGMENTATION["min_scale"] < SEED_AUGMENTATION["min_scale"]
+    assert {k: v for k, v in CROP_AUGMENTATION.items() if k != "min_scale"} == {
+        k: v for k, v in SEED_AUGMENTATION.items() if k != "min_scale"
+    }
+    assert recipe(augmentation="crops").augmentation == CROP_AUGMENTATION
+    seed = recipe(augmentation="seed")
+    assert seed.augmentation == SEED_AUGMENTATION and seed.extra_augmentation == {}
+    assert seed.to_json()["augmentation"]["min_scale"] == 0.75  # recorded in the card
     assert not default.preprocessing.trim_borders and default.preprocessing.intensity == "none"
     assert default.preprocessing.detail_side == DEFAULT_DETAIL_SIDE
     assert recipe(detail_side=0).preprocessing.detail_side == 0
