@@ -215,23 +215,25 @@ def test_bad_cv_argument_is_refused(
     assert "--cv-seeds 0: must be at least 1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("value", ["-1", "8"])
-def test_bad_detail_side_is_refused(
-    tmp_path: Path, sample_data_dir: Path, capsys: pytest.CaptureFixture, value: str
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--detail-side", "-1", "0 (off) or at least 32 pixels"),
+        ("--detail-side", "8", "0 (off) or at least 32 pixels"),
+        ("--soup", "0", "must be at least 1 (1: a single model)"),
+        ("--soup", "-2", "must be at least 1 (1: a single model)"),
+    ],
+)
+def test_bad_recipe_values_are_refused(
+    tmp_path: Path,
+    sample_data_dir: Path,
+    capsys: pytest.CaptureFixture,
+    flag: str,
+    value: str,
+    message: str,
 ) -> None:
     out = tmp_path / "m"
-    argv = ["train", "--data", str(sample_data_dir), "--out", str(out), "--detail-side", value]
+    argv = ["train", "--data", str(sample_data_dir), "--out", str(out), flag, value]
     assert main(argv) == 2
-    assert f"--detail-side {value}: 0 (off) or at least 32 pixels" in capsys.readouterr().err
-    assert not out.exists()
-
-
-@pytest.mark.parametrize("value", ["0", "-2"])
-def test_bad_soup_is_refused(
-    tmp_path: Path, sample_data_dir: Path, capsys: pytest.CaptureFixture, value: str
-) -> None:
-    out = tmp_path / "m"
-    argv = ["train", "--data", str(sample_data_dir), "--out", str(out), "--soup", value]
-    assert main(argv) == 2
-    assert f"--soup {value}: must be at least 1 (1: a single model)" in capsys.readouterr().err
+    assert f"{flag} {value}: {message}" in capsys.readouterr().err
     assert not out.exists()
