@@ -21,7 +21,9 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -690,6 +692,19 @@ def cross_validate_seeds(
     return result
 
 
+def _unwind_on_sigterm() -> Any:
+    """Make SIGTERM (`kill`, a service manager stopping the job) unwind like Ctrl-C, so a
+    stopped run removes its partial output and cross-validation scratch folders. Returns the
+    handler to restore (None off the main thread, where no handler can be installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
 def command(args: argparse.Namespace) -> int:
     """Entry point of `radgate train`."""
     out: Path = args.out
@@ -727,6 +742,7 @@ def command(args: argparse.Namespace) -> int:
         f"{counts['train']} train / {counts['val']} val / {counts['test']} test images"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
+    previous_handler = _unwind_on_sigterm()
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         extra: dict[str, Any] = {}
@@ -746,6 +762,9 @@ def command(args: argparse.Namespace) -> int:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     evaluation = json.loads((out / "evaluation.json").read_text())
     print_evaluation("validation", evaluation["valid"])
     print_evaluation("test", evaluation["test"])

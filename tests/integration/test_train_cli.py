@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -237,3 +241,27 @@ def test_bad_recipe_values_are_refused(
     assert main(argv) == 2
     assert f"{flag} {value}: {message}" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_stopped_training_run_leaves_nothing_behind(
+    tmp_path: Path, sample_data_dir: Path
+) -> None:
+    """SIGTERM (`kill`, a service manager) during training: the partial output folder is
+    removed and no model folder appears."""
+    out = tmp_path / "models" / "m"
+    argv = [sys.executable, "-m", "gateway.cli", "train", "--data", str(sample_data_dir),
+            "--out", str(out), "--epochs", "3", "--size", "64"]  # fmt: skip
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        # Stop it once it has written into its partial folder (the learning-rate plot).
+        while not list(out.parent.glob(".m.partial-*/lr_find.png")):
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            assert time.monotonic() < deadline, "training never reached lr_find"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    assert list(out.parent.iterdir()) == []
