@@ -20,7 +20,11 @@ import time
 from pathlib import Path
 
 RECIPES = {
-    "seed: resnet18 from scratch": "--arch resnet18 --detail-side 0 --augmentation seed".split(),
+    "seed: resnet18 from scratch": [
+        *("--arch", "resnet18"),
+        *("--detail-side", "0"),
+        *("--augmentation", "seed"),
+    ],
     "default": [],
 }
 
