@@ -499,22 +499,20 @@ def train_model(
     """Train on train/, validate on val/, export to `out` (a fresh folder); return the card."""
     from inference.artifact import save_model
 
-    started = time.perf_counter()
-    seed_everything(recipe.seed)
-    dls = build_dataloaders(
-        dataset.split("train"), dataset.split("val"), dataset.classes, cache, recipe
-    )
-    suggested_lr = run_lr_find(dls, recipe, out) if plots else None
-    history = _history_callback()
-    # Fresh loaders after the finder, so the model trained does not depend on how many
-    # shuffles the finder drew.
-    learn = fit_soup(
-        lambda: build_dataloaders(
+    def loaders() -> Any:
+        return build_dataloaders(
             dataset.split("train"), dataset.split("val"), dataset.classes, cache, recipe
-        ),
-        recipe,
-        history,
-    )
+        )
+
+    started = time.perf_counter()
+    suggested_lr = None
+    if plots:  # the final model; cross-validation folds skip the finder
+        seed_everything(recipe.seed)
+        suggested_lr = run_lr_find(loaders(), recipe, out)
+    history = _history_callback()
+    # fit_soup reseeds and builds fresh loaders for every member, so the model trained does
+    # not depend on how many shuffles the finder drew.
+    learn = fit_soup(loaders, recipe, history)
     train_seconds = time.perf_counter() - started
     write_history(history.rows, out / "history.csv")
     if plots:
