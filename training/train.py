@@ -46,7 +46,7 @@ SEED_AUGMENTATION = dict(do_flip=True, max_rotate=10.0, max_warp=0.2, p_affine=0
 CROP_AUGMENTATION = dict(SEED_AUGMENTATION, min_scale=0.5)
 # Radiographs from other hospitals: wider fields of view and tighter crops, other exposure
 # and processing, unexposed collimator borders (training/augment.py).
-RADIOGRAPH_AUGMENTATION = dict(SEED_AUGMENTATION, min_scale=0.5, max_lighting=0.4)
+RADIOGRAPH_AUGMENTATION = dict(CROP_AUGMENTATION, max_lighting=0.4)
 # Shorter side every image is reduced to before the geometry (inference.preprocess.limit_detail).
 DEFAULT_DETAIL_SIDE = 160
 # Fine-tunes averaged into the default model (Recipe.soup).
