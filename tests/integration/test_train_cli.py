@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -243,21 +244,32 @@ def test_bad_recipe_values_are_refused(
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("options", "written"),
+    [
+        ([], "models/.m.partial-*/lr_find.png"),  # the final model: its learning-rate plot
+        (["--cv", "2", "--soup", "1"], "tmp/radgate-cv-*/fold1"),  # a cross-validation fold
+    ],
+    ids=["final-model", "cross-validation"],
+)
 def test_a_stopped_training_run_leaves_nothing_behind(
-    tmp_path: Path, sample_data_dir: Path
+    tmp_path: Path, sample_data_dir: Path, options: list[str], written: str
 ) -> None:
-    """SIGTERM (`kill`, a service manager) during training: the partial output folder is
-    removed and no model folder appears."""
+    """SIGTERM (`kill`, a service manager) during training: the partial output folder and
+    the cross-validation scratch are removed and no model folder appears."""
     out = tmp_path / "models" / "m"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     argv = [sys.executable, "-m", "gateway.cli", "train", "--data", str(sample_data_dir),
-            "--out", str(out), "--epochs", "3", "--size", "64"]  # fmt: skip
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            "--out", str(out), "--epochs", "3", "--size", "64", *options]  # fmt: skip
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + 180
-        # Stop it once it has written into its partial folder (the learning-rate plot).
-        while not list(out.parent.glob(".m.partial-*/lr_find.png")):
+        # Stop it once it has written into its partial or scratch folder.
+        while not list(tmp_path.glob(written)):
             assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            assert time.monotonic() < deadline, "training never reached lr_find"
+            assert time.monotonic() < deadline, f"training never wrote {written}"
             time.sleep(0.2)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 128 + signal.SIGTERM
@@ -265,3 +277,4 @@ def test_a_stopped_training_run_leaves_nothing_behind(
         process.kill()
         process.wait(timeout=30)
     assert list(out.parent.iterdir()) == []
+    assert list(scratch.glob("radgate-*")) == []  # torch may leave its own caches there
