@@ -585,6 +585,8 @@ def test_ready_studies_are_handed_to_the_processor(
         config: Config, sessions: sessionmaker[Session], spool: Spool, worker_id: str
     ) -> Processor:
         def process(study_id: int) -> None:
+            # Recorded first: the test wakes as soon as finish_study commits PROCESSED.
+            processed.append(study_id)
             # What a pipeline does at the end: every instance handled, study finished.
             with sessions() as session, session.begin():
                 session.execute(
@@ -594,7 +596,6 @@ def test_ready_studies_are_handed_to_the_processor(
                 )
             with sessions() as session:
                 finish_study(session, study_id, worker_id)
-            processed.append(study_id)
 
         return Processor(
             process_ready=claim_loop(sessions, process, worker_id),
