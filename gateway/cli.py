@@ -47,11 +47,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--augmentation",
-        choices=["crops", "radiograph", "seed"],
+        choices=["mixed", "crops", "radiograph", "seed"],
         default=None,
-        help="crops: the notebook's aug_transforms with random crops down to half the image's"
-        " area (default); seed: the notebook's aug_transforms; radiograph: crops plus"
-        " collimation borders, gamma and stronger lighting",
+        help="mixed (default): the notebook's aug_transforms, with random crops down to half"
+        " the image's area for the first soup member and the notebook's crops for the others;"
+        " crops: down to half the area for every member; seed: the notebook's aug_transforms;"
+        " radiograph: crops plus collimation borders, gamma and stronger lighting",
     )
     p.add_argument(
         "--detail-side",

