@@ -17,6 +17,7 @@ import torch
 
 from gateway.cli import main
 from inference.artifact import CARD_FILE, WEIGHTS_FILE, sha256_file
+from training.train import MIXED_MIN_SCALES
 
 SEED_OUTPUTS = {
     "lr_find.png",
@@ -54,6 +55,8 @@ def test_tiny_training_writes_every_seed_output(tiny_model: Path) -> None:
     assert card["classes"] == ["abd", "chest"]
     assert card["sha256"] == sha256_file(tiny_model / WEIGHTS_FILE)
     assert card["recipe"]["seed"] == 42 and card["recipe"]["batch_size"] == 16
+    # The default soup's members crop differently, and the card says how.
+    assert card["recipe"]["member_min_scales"] == list(MIXED_MIN_SCALES)
     with (tiny_model / "history.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     # fine_tune trains one frozen epoch before the requested one, in every soup member
