@@ -42,8 +42,9 @@ from training.data import Dataset, ImageCache, LabelledImage, scan_dataset, scan
 log = logging.getLogger(__name__)
 
 SEED_AUGMENTATION = dict(do_flip=True, max_rotate=10.0, max_warp=0.2, p_affine=0.75, min_scale=0.75)
-# The default: the seed's, with random crops down to half the image's area (up to 1.41x zoom),
-# so coned films and tighter fields of view than the samples' are seen in training.
+# The seed's, with random crops down to half the image's area (up to 1.41x zoom), so coned
+# films and tighter fields of view than the samples' are seen in training: the default soup's
+# first member, and every member with `--augmentation crops`.
 CROP_AUGMENTATION = dict(SEED_AUGMENTATION, min_scale=0.5)
 # The default soup's crops by member (Recipe.member_min_scales): member 1 sees coned films
 # (crops to half the area); members 2 and 3 keep the seed's crops, which leave the diaphragm
