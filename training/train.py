@@ -49,7 +49,11 @@ CROP_AUGMENTATION = dict(SEED_AUGMENTATION, min_scale=0.5)
 # The default soup's crops by member (Recipe.member_min_scales): member 1 sees coned films
 # (crops to half the area); members 2 and 3 keep the seed's crops, which leave the diaphragm
 # in view, so films whose field of view crosses it are not mistaken (docs/PERFORMANCE.md).
-MIXED_MIN_SCALES = (0.5, 0.75, 0.75)
+MIXED_MIN_SCALES = (
+    CROP_AUGMENTATION["min_scale"],
+    SEED_AUGMENTATION["min_scale"],
+    SEED_AUGMENTATION["min_scale"],
+)
 # Radiographs from other hospitals: wider fields of view and tighter crops, other exposure
 # and processing, unexposed collimator borders (training/augment.py).
 RADIOGRAPH_AUGMENTATION = dict(CROP_AUGMENTATION, max_lighting=0.4)
